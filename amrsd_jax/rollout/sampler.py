@@ -1,0 +1,239 @@
+"""Batched, jitted autoregressive sampling with a static-shape KV cache.
+
+One compiled program per (bucketed prompt length, bucketed max new tokens, batch, sampling
+mode): prefill writes the left-padded prompt into cache slots ``[0, P)``, then a
+``lax.while_loop`` decodes one token per step into slots ``P, P+1, ...`` and stops as soon
+as every row has produced one of its stop tokens.
+
+Log-probs returned are those of the distribution the token was drawn from *before*
+top-k/top-p truncation: ``log_softmax(logits / temperature)`` (``log_softmax(logits)`` when
+greedy). That is the policy's own probability at that temperature, the quantity an
+importance ratio against the trainer's recomputed log-probs needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..models.decoder import Decoder, init_cache, positions_from_mask
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket ``>= n`` (multiples of the largest bucket beyond it)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token.
+
+    ``temperature=0`` or ``greedy=True`` is argmax decoding; ``top_k=0`` and ``top_p=1``
+    disable those filters.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+class SampleOutput(NamedTuple):
+    """Sampler results; ``N`` is ``max_new_tokens``.
+
+    tokens: ``[batch, N]`` int32, ``pad_id`` after the row stopped.
+    mask: ``[batch, N]`` int32, 1 for response tokens (the stop token included).
+    logprobs: ``[batch, N]`` float32 sampler log-probs (0 where ``mask == 0``).
+    lengths: ``[batch]`` number of response tokens.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+
+
+def _filter_logits(logits: jax.Array, top_k: int, top_p: float | jax.Array,
+                   use_top_p: bool) -> jax.Array:
+    """Mask logits ``[batch, vocab]`` outside the top-k / nucleus set to ``-inf``."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if use_top_p:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        cutoff = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return logits
+
+
+def _next_token(logits, key, temperature, top_p, *, greedy, top_k, use_top_p):
+    """Token ``[batch]`` and its log-prob under ``softmax(logits / temperature)``."""
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        token = jax.random.categorical(key, _filter_logits(scaled, top_k, top_p, use_top_p))
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperature, top_p,
+              new_token_limit, pad_id, *, max_new_tokens, greedy, top_k, use_top_p):
+    model: Decoder = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_ids.shape
+    slots = prompt_len + max_new_tokens
+    pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+    cache = init_cache(model.config, batch, slots)
+    kv_mask = jnp.concatenate(
+        [prompt_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+    logits, cache = model.forward(prompt_ids, kv_mask, positions=positions_from_mask(prompt_mask),
+                                  cache=cache, cache_index=0)
+    key, sub = jax.random.split(key)
+    token, logp = pick(logits[:, -1], sub, temperature, top_p)
+    next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    resp_mask = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    done = jnp.zeros((batch,), bool)
+
+    def cond(carry):
+        i, done = carry[0], carry[5]
+        return (i < new_token_limit) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, logp, pos, kv_mask, done, cache, tokens, logprobs, resp_mask, key = carry
+        live = ~done
+        tokens = tokens.at[:, i].set(jnp.where(live, token, pad_id))
+        logprobs = logprobs.at[:, i].set(jnp.where(live, logp, 0.0))
+        resp_mask = resp_mask.at[:, i].set(live.astype(jnp.int32))
+        done = done | jnp.any(token[:, None] == stop_ids, axis=-1)
+        # feed the token just emitted to get the distribution of the next one
+        slot = prompt_len + i
+        kv_mask = kv_mask.at[:, slot].set(1)
+        logits, cache = model.forward(token[:, None], kv_mask, positions=pos[:, None],
+                                      cache=cache, cache_index=slot)
+        key, sub = jax.random.split(key)
+        token, logp = pick(logits[:, 0], sub, temperature, top_p)
+        return (i + 1, token, logp, pos + 1, kv_mask, done, cache, tokens, logprobs,
+                resp_mask, key)
+
+    carry = (jnp.int32(0), token, logp, next_pos, kv_mask, done, cache, tokens, logprobs,
+             resp_mask, key)
+    carry = jax.lax.while_loop(cond, body, carry)
+    tokens, logprobs, resp_mask = carry[7], carry[8], carry[9]
+    return SampleOutput(tokens, resp_mask, logprobs, jnp.sum(resp_mask, axis=-1))
+
+
+def _stop_matrix(stop_tokens, batch: int) -> np.ndarray:
+    """Per-row stop ids ``[batch, K]`` padded with -1 (never a token id)."""
+    if stop_tokens is None:
+        rows = [[] for _ in range(batch)]
+    elif len(stop_tokens) and isinstance(stop_tokens[0], (list, tuple, np.ndarray)):
+        if len(stop_tokens) != batch:
+            raise ValueError(f"per-row stop_tokens has {len(stop_tokens)} rows, batch is {batch}")
+        rows = [list(r) for r in stop_tokens]
+    else:
+        rows = [list(stop_tokens) for _ in range(batch)]
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((batch, width), -1, np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def left_pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int):
+    """Left-pad ``[batch, time]`` arrays to ``[batch, length]``."""
+    extra = length - ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"prompt length {ids.shape[1]} exceeds bucket {length}")
+    ids = np.pad(np.asarray(ids), ((0, 0), (extra, 0)), constant_values=pad_id)
+    mask = np.pad(np.asarray(mask), ((0, 0), (extra, 0)), constant_values=0)
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
+             config: SamplingConfig = SamplingConfig(), *, stop_tokens=None,
+             pad_id: int | None = None, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+             mesh=None) -> SampleOutput:
+    """Sample continuations of left-padded prompts.
+
+    Args:
+      model: the policy (its current parameters are used; nothing is copied).
+      prompt_ids, prompt_mask: ``[batch, time]`` left-padded prompt tokens and mask.
+      key: PRNG key; the same key gives the same tokens.
+      config: :class:`SamplingConfig`.
+      stop_tokens: ids that end a row (e.g. ``[eos]``), or one list per row; defaults to
+        the model's ``eos_token_id``.
+      buckets: prompt length and ``max_new_tokens`` are rounded up to these sizes so a run
+        compiles a handful of programs; ``None`` disables bucketing.
+      mesh: if given, the batch is split over its ``data`` x ``fsdp`` axes (parameters
+        should already be sharded with :func:`amrsd_jax.sharding.shard_model`).
+
+    Returns:
+      :class:`SampleOutput` with ``N = config.max_new_tokens`` columns.
+    """
+    cfg = model.config
+    prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} "
+                         "must both be [batch, time]")
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+    if stop_tokens is None:
+        stop_tokens = list(cfg.eos_token_ids)
+    batch = prompt_ids.shape[0]
+    prompt_len = bucket_length(prompt_ids.shape[1], buckets) if buckets else prompt_ids.shape[1]
+    new_tokens = bucket_length(config.max_new_tokens, buckets) if buckets else config.max_new_tokens
+    ids, mask = left_pad_to(prompt_ids, prompt_mask, prompt_len, pad_id)
+    stops = _stop_matrix(stop_tokens, batch)
+    if mesh is not None:
+        from ..sharding import shard_batch
+
+        ids, mask, stops = shard_batch((ids, mask, stops), mesh)
+    graphdef, state = nnx.split(model)
+    out = _generate(
+        graphdef, state, ids, mask, stops, key,
+        jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
+        jnp.int32(config.max_new_tokens), jnp.int32(pad_id),
+        max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
+        use_top_p=config.top_p < 1.0)
+    n = config.max_new_tokens
+    return SampleOutput(out.tokens[:, :n], out.mask[:, :n], out.logprobs[:, :n], out.lengths)
