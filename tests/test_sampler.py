@@ -1,0 +1,134 @@
+"""Sampler: determinism, greedy == argmax of the full forward, stop tokens, filters, buckets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amrsd_jax.rollout import SamplingConfig, bucket_length, generate
+from amrsd_jax.rollout import sampler as sampler_module
+
+from conftest import tiny_model
+
+IDS = np.random.default_rng(1).integers(4, 96, (3, 6)).astype(np.int32)
+MASK = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+def _full_logprobs(model, out, temperature=1.0):
+    """Teacher-forced log-probs of the sampled tokens from one full forward."""
+    ids = np.concatenate([IDS, np.asarray(out.tokens)], 1)
+    mask = np.concatenate([MASK, np.asarray(out.mask)], 1)
+    logits = model(jnp.asarray(ids), jnp.asarray(mask))[:, IDS.shape[1] - 1:-1]
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+
+
+def test_same_key_same_tokens_other_key_other_tokens(model):
+    cfg = SamplingConfig(max_new_tokens=12)
+    a = generate(model, IDS, MASK, jax.random.key(0), cfg, stop_tokens=[])
+    b = generate(model, IDS, MASK, jax.random.key(0), cfg, stop_tokens=[])
+    c = generate(model, IDS, MASK, jax.random.key(1), cfg, stop_tokens=[])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_full_forward(model, temperature):
+    out = generate(model, IDS, MASK, jax.random.key(2),
+                   SamplingConfig(max_new_tokens=10, temperature=temperature), stop_tokens=[])
+    expected = _full_logprobs(model, out, temperature)
+    np.testing.assert_allclose(np.asarray(out.logprobs), expected * np.asarray(out.mask),
+                               atol=2e-5)
+
+
+def test_greedy_is_argmax_of_full_forward(model):
+    out = generate(model, IDS, MASK, jax.random.key(0), SamplingConfig(max_new_tokens=8,
+                                                                       greedy=True),
+                   stop_tokens=[])
+    ids = np.concatenate([IDS, np.asarray(out.tokens)], 1)
+    mask = np.concatenate([MASK, np.ones_like(out.tokens)], 1)
+    logits = model(jnp.asarray(ids), jnp.asarray(mask))[:, IDS.shape[1] - 1:-1]
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.argmax(np.asarray(logits), -1))
+    # temperature 0 means greedy, and top_k=1 at any temperature is greedy too
+    t0 = generate(model, IDS, MASK, jax.random.key(5), SamplingConfig(max_new_tokens=8,
+                                                                      temperature=0.0),
+                  stop_tokens=[])
+    k1 = generate(model, IDS, MASK, jax.random.key(5), SamplingConfig(max_new_tokens=8, top_k=1),
+                  stop_tokens=[])
+    np.testing.assert_array_equal(t0.tokens, out.tokens)
+    np.testing.assert_array_equal(k1.tokens, out.tokens)
+
+
+def test_tiny_top_p_is_greedy(model):
+    greedy = generate(model, IDS, MASK, jax.random.key(0),
+                      SamplingConfig(max_new_tokens=6, greedy=True), stop_tokens=[])
+    nucleus = generate(model, IDS, MASK, jax.random.key(9),
+                       SamplingConfig(max_new_tokens=6, top_p=1e-6), stop_tokens=[])
+    np.testing.assert_array_equal(nucleus.tokens, greedy.tokens)
+
+
+def test_top_k_restricts_support(model):
+    out = generate(model, IDS, MASK, jax.random.key(4), SamplingConfig(max_new_tokens=6, top_k=3),
+                   stop_tokens=[])
+    ids = np.concatenate([IDS, np.asarray(out.tokens)], 1)
+    mask = np.concatenate([MASK, np.ones_like(out.tokens)], 1)
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))[:, IDS.shape[1] - 1:-1])
+    top3 = np.argsort(-logits, -1)[..., :3]
+    assert np.all((top3 == np.asarray(out.tokens)[..., None]).any(-1))
+
+
+def test_per_row_stop_tokens_end_rows_and_mask_after(model):
+    greedy = SamplingConfig(max_new_tokens=8, greedy=True)
+    free = np.asarray(generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=[]).tokens)
+    # row 0 stops at the token it emits at step 2, row 1 at step 4, row 2 never
+    stops = [[int(free[0, 2])], [int(free[1, 4])], [-5]]
+    first0 = int(np.argmax(free[0] == free[0, 2]))
+    first1 = int(np.argmax(free[1] == free[1, 4]))
+    out = generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=stops, pad_id=0)
+    lengths = np.asarray(out.lengths)
+    assert lengths.tolist() == [first0 + 1, first1 + 1, 8]
+    mask = np.asarray(out.mask)
+    for row, n in enumerate(lengths):
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        np.testing.assert_array_equal(np.asarray(out.tokens)[row, :n], free[row, :n])
+        assert (np.asarray(out.tokens)[row, n:] == 0).all()
+        assert (np.asarray(out.logprobs)[row, n:] == 0).all()
+
+
+def test_loop_stops_early_when_all_rows_done(model, monkeypatch):
+    greedy = SamplingConfig(max_new_tokens=16, greedy=True)
+    free = np.asarray(generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=[]).tokens)
+    out = generate(model, IDS, MASK, jax.random.key(0), greedy,
+                   stop_tokens=[[int(r[0])] for r in free])
+    assert np.asarray(out.lengths).tolist() == [1, 1, 1]
+
+
+def test_buckets_share_one_compiled_program(model):
+    sampler_module._generate.clear_cache()
+    cfg = SamplingConfig(max_new_tokens=5)
+    for length in (3, 7, 12, 16):  # all round up to the 16-token prompt bucket
+        ids = np.full((3, length), 7, np.int32)
+        generate(model, ids, np.ones_like(ids), jax.random.key(0), cfg, stop_tokens=[])
+    assert sampler_module._generate._cache_size() == 1
+    ids = np.full((3, 17), 7, np.int32)
+    generate(model, ids, np.ones_like(ids), jax.random.key(0), cfg, stop_tokens=[])
+    assert sampler_module._generate._cache_size() == 2
+
+
+def test_bucket_length():
+    assert bucket_length(1) == 16 and bucket_length(16) == 16 and bucket_length(17) == 32
+    assert bucket_length(9000) == 16384
+
+
+def test_bad_config_and_shapes():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        generate(tiny_model(), IDS[0], MASK[0], jax.random.key(0))
