@@ -73,6 +73,29 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention ``[batch, q_time, heads, head_dim]``.
+
+    ``k, v``: ``[batch, slots, kv_heads, head_dim]``; ``mask``: ``[batch, 1, q_time, slots]``.
+    Multi-token inputs go through ``jax.nn.dot_product_attention``. A single decode token
+    uses a broadcast-multiply-reduce instead: with one query per row the score "matmuls"
+    are ``batch x kv_heads`` tiny dots, which XLA's CPU backend runs one by one (~4x slower
+    here); the reduction form fuses into one loop and is memory-bound on any backend, as
+    decode attention is anyway.
+    """
+    if q.shape[1] != 1:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    b, _, n, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, 1, kv, n // kv, hd).astype(jnp.float32)
+    scores = jnp.sum(qg * k.astype(jnp.float32)[:, :, :, None, :], axis=-1) / jnp.sqrt(
+        jnp.float32(hd))  # [b, slots, kv, group]
+    scores = jnp.where(mask[:, 0, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)
+    return out.reshape(b, 1, n, hd).astype(q.dtype)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm computed in float32, as in the Hugging Face reference."""
 
@@ -123,7 +146,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
             cache = LayerCache(k, v)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
