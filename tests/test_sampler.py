@@ -122,6 +122,7 @@ def test_buckets_share_one_compiled_program(model):
 
 def test_bucket_length():
     assert bucket_length(1) == 16 and bucket_length(16) == 16 and bucket_length(17) == 32
+    assert bucket_length(45) == 48 and bucket_length(64) == 64 and bucket_length(65) == 96
     assert bucket_length(9000) == 16384
 
 

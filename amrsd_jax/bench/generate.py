@@ -1,0 +1,147 @@
+"""``python run.py bench generate``: sampler throughput against Hugging Face PyTorch ``generate``.
+
+Both engines get the same weights (the converted bundled checkpoint), the same chat-templated
+prompts, the same lengths (exactly ``new_tokens`` per row: stop tokens disabled) and sample at
+temperature 1 with no top-k/top-p. Times are medians of ``repeats`` runs after one warm-up
+run (which includes compilation for JAX), measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Host memory bandwidth in bytes/s from a large ``np.copyto`` (read + write counted)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def bench_prompts(n: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [f"What is {a} + {b}? Think step by step." for a, b in rng.integers(10, 99, (n, 2))]
+
+
+def _time_runs(fn, repeats: int) -> tuple[float, list[float]]:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return first, runs
+
+
+def main(args) -> int:
+    import jax
+
+    from ..models import load_model, resolve_checkpoint
+    from ..models.tokenizer import apply_chat_template, encode_prompts
+    from ..rollout import SamplingConfig, generate
+
+    path = resolve_checkpoint(args.model)
+    model, tokenizer = load_model(path, dtype="float32")
+    texts = apply_chat_template(tokenizer, bench_prompts(args.batch))
+    enc = encode_prompts(tokenizer, texts)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0)
+    total_tokens = args.batch * args.new_tokens
+    keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
+
+    def run_jax():
+        out = generate(model, enc["input_ids"], enc["attention_mask"], next(keys), cfg,
+                       stop_tokens=[], pad_id=tokenizer.pad_token_id)
+        jax.block_until_ready(out.tokens)
+        assert int(np.asarray(out.lengths).min()) == args.new_tokens
+
+    print(f"[bench generate] {args.model}: batch {args.batch}, prompt {enc['input_ids'].shape[1]} "
+          f"tokens, {args.new_tokens} new tokens, fp32, temperature 1", file=sys.stderr)
+    jax_first, jax_runs = _time_runs(run_jax, args.repeats)
+    jax_median = statistics.median(jax_runs)
+    results = {
+        "model": str(args.model), "batch": args.batch, "prompt_tokens": int(enc["input_ids"].shape[1]),
+        "new_tokens": args.new_tokens, "dtype": "float32", "repeats": args.repeats,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "jax": jax.__version__, "backend": jax.default_backend()},
+        "amrsd_jax": {"first_run_s": jax_first, "runs_s": jax_runs, "median_s": jax_median,
+                      "tokens_per_s": total_tokens / jax_median},
+    }
+
+    if not args.no_torch:
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            print("torch not installed: skipping the PyTorch baseline "
+                  "(pip install torch==2.13.0)", file=sys.stderr)
+        else:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            hf.eval()
+            ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+            mask = torch.tensor(enc["attention_mask"], dtype=torch.long)
+            torch.manual_seed(0)
+
+            def run_torch():
+                with torch.inference_mode():
+                    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                      temperature=1.0, top_k=0, top_p=1.0,
+                                      max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens,
+                                      pad_token_id=tokenizer.pad_token_id)
+                assert out.shape[1] == ids.shape[1] + args.new_tokens
+
+            torch_first, torch_runs = _time_runs(run_torch, args.repeats)
+            torch_median = statistics.median(torch_runs)
+            results["torch_generate"] = {
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "threads": torch.get_num_threads(), "first_run_s": torch_first,
+                "runs_s": torch_runs, "median_s": torch_median,
+                "tokens_per_s": total_tokens / torch_median}
+            results["speedup_vs_torch"] = torch_median / jax_median
+
+    weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize
+                       for v in jax.tree.leaves(__import__("flax").nnx.state(model)))
+    bandwidth = measure_copy_bandwidth()
+    floor = weight_bytes / bandwidth
+    step = jax_median / args.new_tokens  # prefill amortised into the per-step time
+    results["floor"] = {"weight_bytes": weight_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
+                        "decode_step_floor_ms": floor * 1e3, "measured_step_ms": step * 1e3,
+                        "steps_above_floor": step / floor}
+
+    rows = [("engine", "median s", "tokens/s", "runs (s)")]
+    rows.append(("amrsd_jax", f"{jax_median:.2f}", f"{total_tokens / jax_median:.0f}",
+                 ", ".join(f"{r:.2f}" for r in jax_runs)))
+    if "torch_generate" in results:
+        t = results["torch_generate"]
+        rows.append((f"torch {t['torch']} generate", f"{t['median_s']:.2f}",
+                     f"{t['tokens_per_s']:.0f}", ", ".join(f"{r:.2f}" for r in t["runs_s"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if "speedup_vs_torch" in results:
+        print(f"speed-up vs PyTorch generate: {results['speedup_vs_torch']:.2f}x")
+    print(f"decode step: {step * 1e3:.1f} ms measured vs {floor * 1e3:.1f} ms floor "
+          f"({weight_bytes / 1e6:.0f} MB weights / {bandwidth / 1e9:.1f} GB/s copy bandwidth) "
+          f"= {step / floor:.2f}x the floor")
+    print(f"first run (compile + run): {jax_first:.1f}s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,50 @@
+"""Small jit-friendly helpers shared by the credit-assignment and loss modules.
+
+Masks may be given as booleans or as 0/1 numbers; every helper treats any non-zero
+entry as "inside the mask".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def as_bool_mask(mask: Array) -> Array:
+    """Return ``mask != 0`` as a boolean array of the same shape."""
+    mask = jnp.asarray(mask)
+    if mask.dtype == jnp.bool_:
+        return mask
+    return mask != 0
+
+
+def as_float(x: Array) -> Array:
+    """Return ``x`` as a floating array (float32 unless it already is floating)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return x.astype(jnp.float32)
+
+
+def safe_divide(numerator: Array, denominator: Array) -> Array:
+    """``numerator / denominator`` where the denominator is non-zero, else 0 (no NaN, no inf).
+
+    Safe under ``jax.grad``: the divided branch never sees a zero denominator.
+    """
+    nonzero = denominator != 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
+
+
+def masked_sum(x: Array, mask: Array, axis=None) -> Array:
+    """Sum of ``x`` over entries where ``mask`` is set (entries outside the mask may be NaN/inf)."""
+    return jnp.sum(jnp.where(as_bool_mask(mask), x, 0), axis=axis)
+
+
+def masked_mean(x: Array, mask: Array, axis=None) -> Array:
+    """Mean of ``x`` over entries where ``mask`` is set; 0 when the mask is empty."""
+    mask = as_bool_mask(mask)
+    count = jnp.sum(mask, axis=axis).astype(as_float(x).dtype)
+    return safe_divide(masked_sum(as_float(x), mask, axis=axis), count)
+

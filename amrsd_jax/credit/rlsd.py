@@ -1,0 +1,109 @@
+"""RLSD (Self-Distilled RLVR) token advantages (SPEC.md, "RLSD").
+
+With a frozen teacher that sees a reference solution::
+
+    d[i,t]    = lp_T[i,t] - lp_old[i,t]                    (stop-gradient)
+    w[i,t]    = exp(sign(A_i) * d[i,t])
+    Ahat[i,t] = A_i * ((1 - lam) + lam * clip(w[i,t], 1 - eps_w, 1 + eps_w))
+
+Implementation note: we evaluate the algebraically identical
+``A_i * (1 + lam * (clip(w) - 1))`` and select ``A_i`` itself where that factor is 1,
+so ``lam == 0`` and ``clip(w) == 1`` both give exactly ``A_i`` (bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from amrsd_jax.credit._utils import as_bool_mask, as_float, masked_mean
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSDConfig:
+    """Hyper-parameters of RLSD (hashable).
+
+    Attributes:
+      lam: mixing weight between the plain advantage and the teacher-reweighted one,
+        in ``[0, 1]``; SPEC default 0.5. ``lam = 0`` is exactly GRPO.
+      eps_w: the token weight is clipped to ``[1 - eps_w, 1 + eps_w]``; SPEC default 0.2.
+    """
+
+    lam: float = 0.5
+    eps_w: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        if not 0.0 <= self.eps_w < 1.0:
+            raise ValueError(f"eps_w must be in [0, 1), got {self.eps_w}")
+
+
+def rlsd_token_weights(
+    advantages: Array,
+    lp_teacher: Array,
+    lp_old: Array,
+    mask: Array,
+    eps_w: float,
+) -> Array:
+    """Clipped RLSD token weight ``clip(exp(sign(A_i) * (lp_T - lp_old)), 1-eps_w, 1+eps_w)``.
+
+    Args:
+      advantages: ``[B]`` sequence advantages ``A_i`` (only their sign is used).
+      lp_teacher, lp_old: ``[B, T]`` teacher / sampling-policy log-probs.
+      mask: ``[B, T]`` response mask.
+      eps_w: clip half-width.
+
+    Returns:
+      ``[B, T]`` weights (stop-gradient); exactly 1 outside the mask, where
+      ``A_i == 0``, and wherever ``lp_T == lp_old``.
+    """
+    mask = as_bool_mask(mask)
+    gain = jax.lax.stop_gradient(as_float(lp_teacher)) - jax.lax.stop_gradient(as_float(lp_old))
+    gain = jnp.where(mask, gain, 0.0)
+    sign = jnp.sign(jax.lax.stop_gradient(as_float(advantages)))[:, None]
+    weights = jnp.exp(sign * gain)
+    return jnp.clip(weights, 1.0 - eps_w, 1.0 + eps_w)
+
+
+def rlsd_token_advantages(
+    advantages: Array,
+    lp_teacher: Array,
+    lp_old: Array,
+    mask: Array,
+    cfg: RLSDConfig,
+) -> tuple[Array, dict[str, Array]]:
+    """RLSD per-token advantages and diagnostics.
+
+    Args:
+      advantages: ``[B]`` GRPO sequence advantages ``A_i``.
+      lp_teacher: ``[B, T]`` log-probs of the response tokens under the frozen teacher
+        with the reference-solution context.
+      lp_old: ``[B, T]`` sampling-policy log-probs.
+      mask: ``[B, T]`` response mask.
+      cfg: :class:`RLSDConfig` (static).
+
+    Returns:
+      ``(Ahat [B, T], diagnostics)``; ``Ahat`` is 0 outside the mask. Diagnostics
+      (float32 scalars over masked tokens): ``weight_mean`` (clipped weight),
+      ``weight_clip_frac`` (fraction of tokens whose weight hit a clip bound, among
+      rollouts with ``A != 0``).
+    """
+    advantages = jax.lax.stop_gradient(as_float(advantages))
+    mask = as_bool_mask(mask)
+    weights = rlsd_token_weights(advantages, lp_teacher, lp_old, mask, cfg.eps_w)
+    scale = 1.0 + cfg.lam * (weights - 1.0)
+    broadcast = jnp.broadcast_to(advantages[:, None], scale.shape)
+    token_advantages = jnp.where(scale == 1.0, broadcast, broadcast * scale)
+    token_advantages = jnp.where(mask, token_advantages, 0.0)
+    nonzero = mask & (advantages[:, None] != 0)
+    at_bound = (weights <= 1.0 - cfg.eps_w) | (weights >= 1.0 + cfg.eps_w)
+    diagnostics = {
+        "weight_mean": masked_mean(weights, mask),
+        "weight_clip_frac": masked_mean(at_bound.astype(jnp.float32), nonzero),
+    }
+    return jax.lax.stop_gradient(token_advantages), diagnostics
