@@ -32,6 +32,22 @@ def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float
     return 2 * nbytes / statistics.median(times)
 
 
+def measure_matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of one jitted ``[m, k] @ [k, n]`` matmul (median of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
 def bench_prompts(n: int) -> list[str]:
     rng = np.random.default_rng(0)
     return [f"What is {a} + {b}? Think step by step." for a, b in rng.integers(10, 99, (n, 2))]
@@ -115,6 +131,19 @@ def main(args) -> int:
                 "tokens_per_s": total_tokens / torch_median}
             results["speedup_vs_torch"] = torch_median / jax_median
 
+    # Compute floor: every prompt and generated token costs ~2 x params FLOPs (the lm_head
+    # included); at batch 32 a decode step is compute-bound on a CPU, not bandwidth-bound.
+    cfg_m = model.config
+    flops_per_token = 2 * cfg_m.num_params()
+    total_flops = flops_per_token * args.batch * (int(enc["attention_mask"].sum(1).mean())
+                                                  + args.new_tokens)
+    peak = measure_matmul_gflops(2048, cfg_m.hidden_size, cfg_m.intermediate_size * 8)
+    decode_rate = measure_matmul_gflops(args.batch, cfg_m.hidden_size, cfg_m.intermediate_size)
+    results["compute"] = {
+        "total_gflop": total_flops / 1e9, "matmul_peak_gflops": peak,
+        "decode_shape_matmul_gflops": decode_rate,
+        "compute_floor_s": total_flops / 1e9 / peak,
+        "achieved_gflops": total_flops / 1e9 / jax_median}
     weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize
                        for v in jax.tree.leaves(__import__("flax").nnx.state(model)))
     bandwidth = measure_copy_bandwidth()
@@ -139,6 +168,12 @@ def main(args) -> int:
     print(f"decode step: {step * 1e3:.1f} ms measured vs {floor * 1e3:.1f} ms floor "
           f"({weight_bytes / 1e6:.0f} MB weights / {bandwidth / 1e9:.1f} GB/s copy bandwidth) "
           f"= {step / floor:.2f}x the floor")
+    c = results["compute"]
+    print(f"compute: {c['total_gflop']:.0f} GFLOP per run; floor {c['compute_floor_s']:.1f}s at "
+          f"the measured large-matmul peak {c['matmul_peak_gflops']:.0f} GFLOP/s; achieved "
+          f"{c['achieved_gflops']:.0f} GFLOP/s (a [{args.batch}x{cfg_m.hidden_size}] x "
+          f"[{cfg_m.hidden_size}x{cfg_m.intermediate_size}] matmul alone: "
+          f"{c['decode_shape_matmul_gflops']:.0f} GFLOP/s)")
     print(f"first run (compile + run): {jax_first:.1f}s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
