@@ -126,3 +126,47 @@ def check_aligned_responses(student_response_ids, teacher_response_ids) -> None:
     if bad.size:
         raise ValueError(f"teacher and student response tokens differ in rows {bad[:8].tolist()}"
                          ": the context must be inserted into the prompt, not the response")
+
+
+def outcome_importance(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                       response_ids: jax.Array, response_mask: jax.Array,
+                       answer_mask: jax.Array, *, mode: str = "gradient", oar_config=None,
+                       pad_id: int = 0, chunk_size: int = 8, rng: jax.Array | None = None):
+    """OAR importance ``[batch, N]`` of each reasoning token for the response's own answer.
+
+    The outcome is the log-probability of the final-answer span (``answer_mask [batch, N]``,
+    located by the verifier) given everything before it. Reasoning tokens are the response
+    tokens outside that span.
+
+    Args:
+      mode: ``"gradient"`` (OAR-G: one backward pass w.r.t. the input embeddings) or
+        ``"perturbation"`` (OAR-P: every position replaced by ``pad_id`` in turn).
+    """
+    from .credit.oar import OARConfig, oar_gradient_importance, oar_perturbation_importance
+
+    cfg = oar_config or OARConfig()
+    p = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    answer = answer_mask.astype(jnp.float32) * response_mask
+    reasoning = jnp.concatenate(
+        [jnp.zeros_like(prompt_mask, bool),
+         response_mask.astype(bool) & ~answer_mask.astype(bool)], axis=1)
+    unembedding = model.output_embedding()
+
+    def outcome_from_embeddings(embeddings):  # [batch, P + N, hidden] -> [batch]
+        hidden, _ = model.hidden_states(embeddings, mask)
+        lp, _ = token_logprobs_from_hidden(hidden[:, p - 1:-1], unembedding, response_ids,
+                                           compute_dtype=model.config.dtype)
+        return jnp.sum(lp * answer, axis=-1)
+
+    if mode == "gradient":
+        scores = oar_gradient_importance(outcome_from_embeddings, model.embed(ids), reasoning,
+                                         cfg, rng)
+    elif mode == "perturbation":
+        scores = oar_perturbation_importance(
+            lambda x: outcome_from_embeddings(model.embed(x)), ids, reasoning, pad_id,
+            chunk_size)
+    else:
+        raise ValueError(f"mode must be 'gradient' or 'perturbation', got {mode!r}")
+    return scores[:, p:]
