@@ -111,6 +111,35 @@ def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Ar
     return lp, entropy
 
 
+def make_scorer(model: Decoder, mesh=None, *, vocab_chunk: int | None = None,
+                with_entropy: bool = False, rules=None):
+    """One jitted scoring function for old-policy, teacher and reference passes.
+
+    Returns ``score(params, prompt_ids, prompt_mask, response_ids, response_mask) ->
+    (logprobs [batch, N], entropy [batch, N] or None)``; pass the live, EMA or frozen
+    parameters as ``params`` (an ``nnx.State`` of the model's ``Param``s). With ``mesh``,
+    the batch is split over ``data`` x ``fsdp`` and parameters keep their sharding. Each
+    (prompt length, response length) bucket compiles once.
+    """
+    from flax import nnx
+
+    from .sharding import DEFAULT_RULES, batch_sharding
+
+    graphdef, _, other = nnx.split(model, nnx.Param, ...)
+
+    def score(params, prompt_ids, prompt_mask, response_ids, response_mask):
+        m = nnx.merge(graphdef, params, other)
+        return response_logprobs(m, prompt_ids, prompt_mask, response_ids, response_mask,
+                                 vocab_chunk=vocab_chunk, with_entropy=with_entropy)
+
+    if mesh is None:
+        return jax.jit(score)
+    rules = rules or DEFAULT_RULES
+    rows = batch_sharding(mesh, 2, rules)
+    return jax.jit(score, in_shardings=(None, rows, rows, rows, rows),
+                   out_shardings=(rows, rows if with_entropy else None))
+
+
 def check_aligned_responses(student_response_ids, teacher_response_ids) -> None:
     """Host-side guard: teacher and student must score the same response tokens.
 

@@ -108,3 +108,25 @@ def test_ema_teacher_update():
         np.testing.assert_allclose(np.asarray(n[...]),
                                    0.95 * np.asarray(t[...]) + 0.05 * np.asarray(p[...]),
                                    rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_jitted_scorer_sharded_equals_eager_and_compiles_once():
+    from amrsd_jax.scoring import make_scorer
+    from amrsd_jax.sharding import make_mesh, shard_batch, shard_model
+
+    model = tiny_model()
+    ids = np.tile(PROMPT, (8, 1))[:8]
+    masks = np.tile(PROMPT_MASK, (8, 1))[:8]
+    resp, resp_mask = np.tile(RESP, (8, 1))[:8], np.tile(RESP_MASK, (8, 1))[:8]
+    ref, ref_h = response_logprobs(model, jnp.asarray(ids), jnp.asarray(masks),
+                                   jnp.asarray(resp), jnp.asarray(resp_mask), with_entropy=True)
+    mesh = make_mesh(2, 2, 2)
+    shard_model(model, mesh)
+    scorer = make_scorer(model, mesh, vocab_chunk=32, with_entropy=True)
+    params = nnx.state(model, nnx.Param)
+    for _ in range(2):
+        lp, ent = scorer(params, *shard_batch((ids, masks, resp, resp_mask), mesh))
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent), np.asarray(ref_h), atol=1e-5)
+    assert scorer._cache_size() == 1

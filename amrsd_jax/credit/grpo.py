@@ -45,6 +45,12 @@ def _check_ddof(std_ddof: int) -> None:
         raise ValueError(f"std_ddof must be 0 or 1, got {std_ddof!r}")
 
 
+def _batch_std(rewards: Array, std_ddof: int) -> Array:
+    """Standard deviation over every reward of the batch (scale="batch")."""
+    centered = rewards - jnp.mean(rewards)
+    return jnp.sqrt(jnp.sum(centered**2) / max(rewards.size - std_ddof, 1))
+
+
 def grpo_advantages(
     rewards: Array,
     scale: AdvantageScale = "group",
@@ -75,9 +81,7 @@ def grpo_advantages(
         var = jnp.sum(centered**2, axis=-1, keepdims=True) / max(group_size - std_ddof, 1)
         advantages = centered / (jnp.sqrt(var) + eps)
     elif scale == "batch":
-        batch_centered = rewards - jnp.mean(rewards)
-        var = jnp.sum(batch_centered**2) / max(rewards.size - std_ddof, 1)
-        advantages = centered / (jnp.sqrt(var) + eps)
+        advantages = centered / (_batch_std(rewards, std_ddof) + eps)
     else:
         advantages = centered
     return jax.lax.stop_gradient(jnp.where(all_equal, 0.0, advantages))
@@ -124,9 +128,7 @@ def grpo_advantages_from_group_ids(
         group_var = jax.ops.segment_sum(centered**2, **seg) / jnp.maximum(counts - std_ddof, 1)
         advantages = centered / (jnp.sqrt(group_var)[group_ids] + eps)
     elif scale == "batch":
-        batch_centered = rewards - jnp.mean(rewards)
-        var = jnp.sum(batch_centered**2) / max(rewards.size - std_ddof, 1)
-        advantages = centered / (jnp.sqrt(var) + eps)
+        advantages = centered / (_batch_std(rewards, std_ddof) + eps)
     else:
         advantages = centered
     return jax.lax.stop_gradient(jnp.where(all_equal, 0.0, advantages))
