@@ -1,0 +1,160 @@
+"""Typed configs: nested frozen dataclasses built from YAML plus ``key=value`` overrides.
+
+Unknown or misspelled keys are errors that name the nearest valid key; values are checked
+against the field types (``int``, ``float``, ``bool``, ``str``, ``Optional``, ``Literal``
+-like string choices are the dataclass's own ``__post_init__`` business). YAML is read with
+``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message names the key and the fix."""
+
+
+def _nearest(name: str, options: Sequence[str]) -> str:
+    near = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args, True
+    return [tp], False
+
+
+def _coerce(value: Any, tp: Any, where: str):
+    """Check / convert ``value`` to the annotated type ``tp``."""
+    if tp is Any:
+        return value
+    candidates, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed (expected {tp})")
+    errors = []
+    for cand in candidates:
+        origin = typing.get_origin(cand) or cand
+        if dataclasses.is_dataclass(cand):
+            if isinstance(value, cand):
+                return value
+            if isinstance(value, Mapping):
+                return build(cand, value, prefix=where + ".")
+            errors.append(f"a mapping for {cand.__name__}")
+            continue
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            errors.append("true/false")
+        elif origin is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            errors.append("an integer")
+        elif origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            errors.append("a number")
+        elif origin is str:
+            if isinstance(value, str):
+                return value
+            errors.append("a string")
+        elif origin in (tuple, list):
+            if isinstance(value, (list, tuple)):
+                args = typing.get_args(cand)
+                item = args[0] if args else Any
+                return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+            errors.append("a list")
+        else:
+            return value
+    raise ConfigError(f"{where}: got {value!r} ({type(value).__name__}), expected "
+                      + " or ".join(errors))
+
+
+def build(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a (nested) mapping, rejecting unknown keys."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key!r}{_nearest(key, fields)}; "
+                              f"valid keys here: {sorted(fields)}")
+        kwargs[key] = _coerce(value, hints.get(key, Any), f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict; values parsed as YAML scalars (safe)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. step.micro_batches=4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = _merge(dict(merged[k]), v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = ()):
+    """Build ``cls`` from a YAML file (``safe_load``) and ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = dict(loaded or {})
+    return build(cls, _merge(data, parse_overrides(overrides)))
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain nested dict of a config (for logs and checkpoints)."""
+    return dataclasses.asdict(config)
