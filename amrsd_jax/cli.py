@@ -42,6 +42,19 @@ def _add_bench(sub):
     g.add_argument("--out", default="bench_results/generate.json")
     g.set_defaults(func=lambda a: __import__("amrsd_jax.bench.generate",
                                              fromlist=["main"]).main(a))
+    s = bsub.add_parser("step", help="update-step tokens/s and MFU: GRPO vs AMR-SD, with the "
+                                     "old-policy and teacher scoring passes")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--prompts", type=int, default=8)
+    s.add_argument("--group-size", type=int, default=8, help="rollouts per prompt")
+    s.add_argument("--response-tokens", type=int, default=128)
+    s.add_argument("--prompt-tokens", type=int, default=48)
+    s.add_argument("--micro-batches", type=int, default=4,
+                   help="gradient-accumulation slices of the step (also the scoring chunks)")
+    s.add_argument("--repeats", type=int, default=2, help="timed runs per phase (median)")
+    s.add_argument("--out", default="bench_results/step.json")
+    s.set_defaults(func=lambda a: __import__("amrsd_jax.bench.step",
+                                             fromlist=["main"]).main(a))
 
 
 DEFAULT_PROMPTS = (
