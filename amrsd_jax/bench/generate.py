@@ -19,6 +19,15 @@ from pathlib import Path
 import numpy as np
 
 
+def write_results(results: dict, path: str | os.PathLike) -> Path:
+    """Write a benchmark's JSON (creating its folder) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return out
+
+
 def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Host memory bandwidth in bytes/s from a large ``np.copyto`` (read + write counted)."""
     src = np.ones(nbytes // 4, np.float32)
@@ -175,8 +184,5 @@ def main(args) -> int:
           f"[{cfg_m.hidden_size}x{cfg_m.intermediate_size}] matmul alone: "
           f"{c['decode_shape_matmul_gflops']:.0f} GFLOP/s)")
     print(f"first run (compile + run): {jax_first:.1f}s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out)
     return 0

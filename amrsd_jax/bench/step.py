@@ -21,16 +21,14 @@ achieved FLOP/s (:data:`FLOP_FORMULA`) by the measured fp32 peak of one large ji
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from .generate import _time_runs, measure_matmul_gflops
+from .generate import _time_runs, measure_matmul_gflops, write_results
 
 #: Length ``C`` of the random context prefix standing in for AMR-SD's self-written reflection.
 TEACHER_CONTEXT_TOKENS = 32
@@ -243,8 +241,5 @@ def main(args) -> int:
           f"[2048x{cfg_m.hidden_size}] x [{cfg_m.hidden_size}x{8 * cfg_m.intermediate_size}] "
           "matmul")
     print(f"first run = compile + one run; skipped (non-finite) updates: {skipped}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out)
     return 0
