@@ -100,12 +100,15 @@ def test_per_row_stop_tokens_end_rows_and_mask_after(model):
         assert (np.asarray(out.logprobs)[row, n:] == 0).all()
 
 
-def test_loop_stops_early_when_all_rows_done(model, monkeypatch):
+def test_loop_stops_early_when_all_rows_done(model):
     greedy = SamplingConfig(max_new_tokens=16, greedy=True)
-    free = np.asarray(generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=[]).tokens)
+    full = generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=[])
+    assert int(full.num_steps) == 16
+    free = np.asarray(full.tokens)
     out = generate(model, IDS, MASK, jax.random.key(0), greedy,
                    stop_tokens=[[int(r[0])] for r in free])
     assert np.asarray(out.lengths).tolist() == [1, 1, 1]
+    assert int(out.num_steps) == 1  # the loop itself ended, not just the masks
 
 
 def test_buckets_share_one_compiled_program(model):

@@ -117,7 +117,7 @@ def main(args) -> int:
                   "(pip install torch==2.13.0)", file=sys.stderr)
         else:
             hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-            hf.eval()
+            hf.train(False)  # inference mode (no dropout); same as torch Module.eval
             ids = torch.tensor(enc["input_ids"], dtype=torch.long)
             mask = torch.tensor(enc["attention_mask"], dtype=torch.long)
             torch.manual_seed(0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +51,6 @@ def hf_name(path: tuple) -> tuple[str, bool]:
 
 def _abstract_model(cfg: DecoderConfig) -> nnx.Module:
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-
-
-def _param_paths(state: nnx.State) -> Iterator[tuple[tuple, Any]]:
-    for path, leaf in nnx.to_flat_state(state):
-        yield path, leaf
 
 
 # ---------------------------------------------------------------------------- reading
@@ -134,7 +128,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
 
     missing, mismatched = [], []
     loaded = []
-    for path_, var in _param_paths(abstract_state):
+    for path_, var in nnx.to_flat_state(abstract_state):
         name, transpose = hf_name(path_)
         if name not in tensors.keys():
             missing.append(name)
@@ -169,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
 
         values[path_] = jax.make_array_from_callback(tuple(var.shape), sharding, read)
     state = nnx.from_flat_state([(p, abstract_state_leaf.replace(values[p]))
-                                 for p, abstract_state_leaf in _param_paths(abstract_state)])
+                                 for p, abstract_state_leaf in nnx.to_flat_state(abstract_state)])
     return nnx.merge(graphdef, state)
 
 
@@ -177,7 +171,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
 def model_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     """All parameters as a Hugging Face-named dict of host numpy arrays."""
     out = {}
-    for path_, var in _param_paths(nnx.state(model, nnx.Param)):
+    for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = hf_name(path_)
         value = np.asarray(jax.device_get(var[...]))
         out[name] = np.ascontiguousarray(value.T if transpose else value)

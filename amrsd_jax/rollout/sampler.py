@@ -75,12 +75,14 @@ class SampleOutput(NamedTuple):
     mask: ``[batch, N]`` int32, 1 for response tokens (the stop token included).
     logprobs: ``[batch, N]`` float32 sampler log-probs (0 where ``mask == 0``).
     lengths: ``[batch]`` number of response tokens.
+    num_steps: scalar, decode-loop iterations run (< N when every row stopped early).
     """
 
     tokens: jax.Array
     mask: jax.Array
     logprobs: jax.Array
     lengths: jax.Array
+    num_steps: jax.Array
 
 
 def _filter_logits(logits: jax.Array, top_k: int, top_p: float | jax.Array,
@@ -179,7 +181,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
              resp_mask, key)
     carry = jax.lax.while_loop(cond, body, carry)
     tokens, logprobs, resp_mask = carry[7], carry[8], carry[9]
-    return SampleOutput(tokens, resp_mask, logprobs, jnp.sum(resp_mask, axis=-1))
+    return SampleOutput(tokens, resp_mask, logprobs, jnp.sum(resp_mask, axis=-1), carry[0])
 
 
 def _stop_matrix(stop_tokens, batch: int) -> np.ndarray:
@@ -256,4 +258,5 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
         max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
         use_top_p=config.top_p < 1.0)
     n = config.max_new_tokens
-    return SampleOutput(out.tokens[:, :n], out.mask[:, :n], out.logprobs[:, :n], out.lengths)
+    return SampleOutput(out.tokens[:, :n], out.mask[:, :n], out.logprobs[:, :n], out.lengths,
+                        out.num_steps)
