@@ -1,0 +1,62 @@
+"""User messages -> left-padded, bucketed token batches, with a sequence budget.
+
+Prompts longer than the budget are never silently mangled: ``on_long="skip"`` drops them
+and ``"truncate"`` keeps their last ``max_tokens`` tokens (so the assistant header that
+starts the answer survives); either way the count is returned for the logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from .sampler import DEFAULT_BUCKETS, bucket_length
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompts:
+    """``ids``/``mask`` ``[len(kept), width]`` int32, left-padded; ``kept`` indexes the inputs."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    kept: tuple[int, ...]
+    skipped: int
+    truncated: int
+
+
+def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
+                system_prompt: str | None = None, on_long: str = "skip",
+                buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedPrompts:
+    """Render user ``messages`` with the chat template and tokenize them.
+
+    The width is the longest kept prompt rounded up to a bucket, so a run compiles a
+    handful of shapes.
+    """
+    from ..models.tokenizer import apply_chat_template
+
+    if on_long not in ("skip", "truncate"):
+        raise ValueError(f"on_long must be 'skip' or 'truncate', got {on_long!r}")
+    texts = apply_chat_template(tokenizer, list(messages), system_prompt=system_prompt)
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    kept, out_rows, skipped, truncated = [], [], 0, 0
+    for i, row in enumerate(rows):
+        if len(row) > max_tokens:
+            if on_long == "skip":
+                skipped += 1
+                continue
+            row = row[-max_tokens:]
+            truncated += 1
+        kept.append(i)
+        out_rows.append(row)
+    longest = max((len(r) for r in out_rows), default=1)
+    width = bucket_length(longest, buckets) if buckets else longest
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(out_rows), width), pad, np.int32)
+    mask = np.zeros((len(out_rows), width), np.int32)
+    for b, row in enumerate(out_rows):
+        if row:
+            ids[b, width - len(row):] = row
+            mask[b, width - len(row):] = 1
+    return EncodedPrompts(ids, mask, tuple(kept), skipped, truncated)

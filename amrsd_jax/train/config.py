@@ -1,0 +1,270 @@
+"""The typed training config: one frozen dataclass per concern, built from YAML.
+
+``python run.py train --config configs/quickstart.yaml key=value ...`` builds a
+:class:`TrainConfig` with :func:`amrsd_jax.config.load_config`; an unknown or mistyped key
+is an error naming the nearest valid key, and impossible combinations are rejected here,
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import ConfigError, build, to_dict
+from ..credit.registry import get_method
+from ..losses.policy import PolicyLossConfig
+from ..update import OptimizerConfig
+
+DATA_SOURCES = ("arithmetic", "local", "tfds")
+ON_LONG_PROMPT = ("skip", "truncate")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to train and in which precision."""
+
+    name: str = "smollm2-135m-instruct"  # bundled name or a local HF checkpoint directory
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str | None = None  # defaults to dtype
+    remat: bool = False  # per-layer activation checkpointing
+    system_prompt: str | None = None  # None keeps the chat template's default
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            v = getattr(self, name)
+            if v is not None and v not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from.
+
+    ``source``: ``arithmetic`` (built-in, offline), ``local`` (JSONL/Parquet at ``path``) or
+    ``tfds`` (TensorFlow Datasets ``tfds_name`` from ``tfds_data_dir``). ``question_field``
+    / ``answer_field`` / ``solution_field`` name the row fields of local and TFDS data.
+    """
+
+    source: str = "arithmetic"
+    level: tuple[int, ...] = (1,)  # arithmetic difficulty levels (1-4)
+    seed: int = 0  # arithmetic task seed (which problems exist); shuffling uses the run seed
+    train_size: int = 2000
+    eval_size: int = 64
+    path: str | None = None  # local: the training file
+    eval_path: str | None = None  # local: the held-out file (None: no evaluation)
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    solution_field: str | None = None
+    answer_from_solution: bool = False  # GSM8K: final answer after '####' of the solution
+    prompt_suffix: str | None = "Give the final answer after 'Answer:'."
+    max_prompt_tokens: int = 192
+    on_long_prompt: str = "skip"  # skip | truncate (keep the last tokens), counted either way
+
+    def __post_init__(self):
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
+        if self.source == "local" and not self.path:
+            raise ValueError("data.source=local needs data.path (a .jsonl or .parquet file)")
+        if self.source == "tfds" and not self.tfds_name:
+            raise ValueError("data.source=tfds needs data.tfds_name (e.g. gsm8k)")
+        if self.on_long_prompt not in ON_LONG_PROMPT:
+            raise ValueError(f"data.on_long_prompt must be one of {ON_LONG_PROMPT}, "
+                             f"got {self.on_long_prompt!r}")
+        if self.max_prompt_tokens < 8:
+            raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens} is too small")
+
+    @property
+    def has_reference_solutions(self) -> bool:
+        """Whether examples carry a reference solution (RLSD and opt-in reflection need it)."""
+        if self.source == "arithmetic":
+            return True
+        return bool(self.solution_field or self.answer_from_solution)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling of the G rollouts per prompt."""
+
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size={self.group_size}: group-relative advantages "
+                             "need at least 2 rollouts per prompt")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"rollout.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ReflectionConfig:
+    """AMR-SD meta-reflection (SPEC.md step 2)."""
+
+    max_tokens: int = 96  # reflection_max_tokens
+    temperature: float = 0.7
+    top_p: float = 1.0
+    use_peer: bool = True  # a verifier-approved peer rollout, when one exists
+    use_reference_solution: bool = False  # opt-in source (reflection_sources), off by default
+    leak_guard: bool = True
+    max_teacher_prompt_tokens: int = 384
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """The verifier: a registered reward function by name (``math``, ``format`` ...)."""
+
+    name: str = "math"
+    format_weight: float = 0.0  # added format reward weight (0 = off)
+    success_threshold: float = 1.0  # "correct" when reward >= this
+    timeout_s: float = 1.0  # per call
+    on_error: str = "zero"  # zero | drop_group: what a failing reward call does
+
+    def __post_init__(self):
+        if self.on_error not in ("zero", "drop_group"):
+            raise ValueError(f"reward.on_error must be 'zero' or 'drop_group', got "
+                             f"{self.on_error!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """``(data, fsdp, tensor)`` device mesh; ``data=-1`` takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Periodic held-out evaluation: pass@1 (greedy and sampled) and pass@k."""
+
+    every: int = 10  # steps; 0 = never (except at the end if at_end)
+    at_start: bool = True
+    at_end: bool = True
+    num_samples: int = 4  # k of pass@k (samples per question at `temperature`)
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    batch_size: int = 64  # prompts per generate call
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under ``<output_dir>/checkpoints``."""
+
+    every: int = 10  # steps; 0 = only at the end
+    max_to_keep: int = 2
+    async_save: bool = True
+    save_at_end: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run."""
+
+    method: str = "amr_sd"
+    method_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's own
+    steps: int = 60
+    seed: int = 0
+    output_dir: str = "runs/quickstart"
+    micro_batches: int = 1
+    advantage_scale: str = "group"
+    ema_rate: float = 0.05  # teacher_weights=ema
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    vocab_chunk: int | None = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reflection: ReflectionConfig = ReflectionConfig()
+    reward: RewardConfig = RewardConfig()
+    policy: PolicyLossConfig = PolicyLossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6)
+    mesh: MeshConfig = MeshConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        method = get_method(self.method)  # unknown name -> error naming the nearest
+        if not isinstance(self.method_config, dict):
+            raise ValueError("method_config must be a mapping of the method's own keys")
+        if self.method_config and method.config_type is None:
+            raise ValueError(f"method {self.method!r} takes no method_config, got "
+                             f"{sorted(self.method_config)}")
+        self.method_settings()  # validates the keys now, not at step 1
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.rollout.batch_size % self.micro_batches:
+            raise ValueError(
+                f"micro_batches={self.micro_batches} does not divide the step's "
+                f"{self.rollout.batch_size} rollouts (prompts_per_step x group_size)")
+        if method.teacher_context == "reference_solution" and not \
+                self.data.has_reference_solutions:
+            raise ValueError(
+                f"method {self.method!r} needs a reference solution per example, but data "
+                f"source {self.data.source!r} has none configured; set data.solution_field "
+                "(or data.answer_from_solution=true for GSM8K-style answers)")
+        if self.reflection.use_reference_solution and not self.data.has_reference_solutions:
+            raise ValueError("reflection.use_reference_solution=true needs reference solutions "
+                             "in the data (set data.solution_field)")
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ValueError(f"advantage_scale must be group, batch or none, got "
+                             f"{self.advantage_scale!r}")
+        if not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+
+    def method_settings(self):
+        """The method's own config dataclass built from ``method_config`` (or None)."""
+        method = get_method(self.method)
+        if method.config_type is None:
+            return None
+        return build(method.config_type, self.method_config, prefix="method_config.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def check_mesh(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
+    """The concrete mesh shape for ``device_count`` devices, or a ConfigError saying why not."""
+    m = config.mesh
+    if m.fsdp < 1 or m.tensor < 1 or (m.data < 1 and m.data != -1):
+        raise ConfigError(f"mesh axes must be positive (data may be -1), got {m}")
+    data = m.data
+    if data == -1:
+        if device_count % (m.fsdp * m.tensor):
+            raise ConfigError(f"mesh fsdp={m.fsdp} x tensor={m.tensor} does not divide the "
+                              f"{device_count} devices")
+        data = device_count // (m.fsdp * m.tensor)
+    if data * m.fsdp * m.tensor != device_count:
+        raise ConfigError(f"mesh data={data} x fsdp={m.fsdp} x tensor={m.tensor} needs "
+                          f"{data * m.fsdp * m.tensor} devices but {device_count} are available")
+    rows = data * m.fsdp
+    per_micro = config.rollout.batch_size // config.micro_batches
+    if per_micro % rows:
+        raise ConfigError(
+            f"each micro-batch has {per_micro} rows, not divisible by the batch axes "
+            f"data x fsdp = {rows}; change rollout.prompts_per_step, group_size or "
+            "micro_batches")
+    return data, m.fsdp, m.tensor
+
+
+def load_train_config(path=None, overrides=()) -> TrainConfig:
+    from ..config import load_config
+
+    return load_config(TrainConfig, path, overrides)
