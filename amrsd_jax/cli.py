@@ -1,4 +1,4 @@
-"""Command line: ``python run.py {generate, bench} ...``.
+"""Command line: ``python run.py {train, eval, generate, bench} ...``.
 
 Subcommands import their heavy dependencies lazily so ``--help`` is instant.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -97,9 +98,107 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a policy with an RLVR method (default config: the "
+                                     "offline AMR-SD quickstart)")
+    p.add_argument("--config", default="configs/quickstart.yaml",
+                   help="YAML training config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. steps=10 rollout.group_size=4 "
+                        "method_config.tau=0.3")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in <output_dir>/checkpoints")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build abstract params on a fake mesh of the configured shape, compile "
+                        "the update step and print per-device memory (no weights loaded)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="held-out pass@1 (greedy, sampled) and pass@k of a model")
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--checkpoint", default=None,
+                   help="a run's output_dir (or its checkpoints dir): evaluate its latest "
+                        "orbax checkpoint instead of the config's initial model")
+    p.add_argument("--out", default=None, help="write metrics and per-question records (JSON)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _load_config(args):
+    from .config import ConfigError
+    from .train.config import load_train_config
+
+    try:
+        return load_train_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_train(args) -> int:
+    if args.dry_run:
+        from .train.aot import main_dry_run
+
+        return main_dry_run(args.config, args.overrides)
+    config = _load_config(args)
+    if config is None:
+        return 2
+    from .train.trainer import TrainingStopped, train
+
+    t0 = time.perf_counter()
+    try:
+        summary = train(config, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    history = summary["history"]
+    if history:
+        first, last = history[: min(5, len(history))], history[-min(5, len(history)):]
+        mean = lambda rows: sum(r["reward_mean"] for r in rows) / len(rows)  # noqa: E731
+        print(f"reward mean: first {len(first)} steps {mean(first):.3f} -> last {len(last)} "
+              f"steps {mean(last):.3f}")
+    if summary.get("eval"):
+        ev = summary["eval"]
+        print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items()
+                                       if k.startswith("pass@")))
+    print(f"wall time {time.perf_counter() - t0:.0f}s")
+    print(f"metrics:    {summary['metrics_path']} (TensorBoard: "
+          f"{summary['output_dir']}/tensorboard)")
+    print(f"checkpoint: {summary['checkpoint_dir']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    config = _load_config(args)
+    if config is None:
+        return 2
+    import json
+
+    from .train.trainer import Trainer
+
+    trainer = Trainer(config, evaluate_only=True)
+    if args.checkpoint:
+        trainer.restore_weights(args.checkpoint)
+    metrics = trainer.evaluate(trainer.start_step)
+    if metrics is None:
+        print("no held-out examples configured (data.eval_size / data.eval_path)",
+              file=sys.stderr)
+        return 2
+    for k, v in metrics.items():
+        print(f"{k:>24s}  {v:.4f}" if isinstance(v, float) else f"{k:>24s}  {v}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    trainer.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
     _add_generate(sub)
     _add_bench(sub)
     return parser

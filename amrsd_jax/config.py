@@ -141,17 +141,31 @@ def _merge(base: dict, extra: Mapping) -> dict:
     return merged
 
 
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """A YAML mapping (``safe_load``); a top-level ``base: other.yaml`` (relative to this
+    file) is loaded first and this file's keys are merged over it, so a per-method config
+    can differ from a shared one in a single line."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config {path} includes itself through 'base'")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    data = dict(loaded or {})
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be a path to another YAML config")
+        data = _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+    return data
+
+
 def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = ()):
-    """Build ``cls`` from a YAML file (``safe_load``) and ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        data = dict(loaded or {})
+    """Build ``cls`` from a YAML file (``safe_load``, with ``base:`` inheritance) and
+    ``key=value`` overrides."""
+    data = read_yaml(path) if path is not None else {}
     return build(cls, _merge(data, parse_overrides(overrides)))
 
 

@@ -38,3 +38,43 @@ FAMILIES = [
     pytest.param(dict(model_type="qwen2"), id="qwen2"),
     pytest.param(dict(model_type="qwen3", tie_word_embeddings=True), id="qwen3"),
 ]
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE with a ChatML template, trained in-test (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What is 2 + 3? Give the final answer after 'Answer:'. Answer: 5",
+              "Tom has 4 apples and buys 3 more. How many apples? Hint: add them. Critique"] * 5
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                   pad_token="<|im_end|>", chat_template=CHATML,
+                                   padding_side="left")
+
+
+def write_tiny_checkpoint(directory, model_type="llama", seed=0, **overrides):
+    """A tiny random HF-layout checkpoint with a chat tokenizer; returns the directory."""
+    from amrsd_jax.models.checkpoint import save_checkpoint
+
+    tok = tiny_chat_tokenizer()
+    eos = tok.eos_token_id
+    model = tiny_model(model_type, seed, vocab_size=len(tok), eos_token_id=eos,
+                       pad_token_id=eos, bos_token_id=tok.bos_token_id, **overrides)
+    save_checkpoint(model, directory, tokenizer=tok)
+    return directory

@@ -4,6 +4,9 @@
   disjoint train / test splits (the offline default task).
 * :func:`load_local` + :class:`FieldMap` -- JSONL / Parquet rows to examples
   ``{"id", "question", "answer", "solution"}`` with file:line errors for bad rows.
+* :func:`load_tfds` -- a split of a TensorFlow Datasets dataset already prepared on disk,
+  to the same examples (no TensorFlow needed; ``tensorflow_datasets`` is imported on the
+  first call only).
 * :class:`PromptStream` -- shuffled, per-host sharded, checkpointable batches of examples.
 
 Pure Python + numpy (no JAX).
@@ -25,6 +28,7 @@ from .sources import (
     extract_final_answer,
     load_local,
 )
+from .tfds_source import DatasetNotPreparedError, load_tfds
 
 __all__ = [
     "LEVELS",
@@ -32,11 +36,13 @@ __all__ = [
     "TEST_FRACTION",
     "ArithmeticTask",
     "DataFormatError",
+    "DatasetNotPreparedError",
     "FieldMap",
     "LoadResult",
     "PromptStream",
     "extract_final_answer",
     "load_local",
+    "load_tfds",
     "render_prompt",
     "split_of",
 ]

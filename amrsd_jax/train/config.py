@@ -121,7 +121,8 @@ class ReflectionConfig:
     use_peer: bool = True  # a verifier-approved peer rollout, when one exists
     use_reference_solution: bool = False  # opt-in source (reflection_sources), off by default
     leak_guard: bool = True
-    max_teacher_prompt_tokens: int = 384
+    max_prompt_tokens: int = 640  # the reflection request (question, attempt, peer); truncated
+    max_teacher_prompt_tokens: int = 384  # question + reflection; truncated on the left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +181,7 @@ class TrainConfig:
     method_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's own
     steps: int = 60
     seed: int = 0
-    output_dir: str = "runs/quickstart"
+    output_dir: str = "runs/{method}-seed{seed}"  # {method} and {seed} are filled in
     micro_batches: int = 1
     advantage_scale: str = "group"
     ema_rate: float = 0.05  # teacher_weights=ema
@@ -202,6 +203,12 @@ class TrainConfig:
 
     def __post_init__(self):
         method = get_method(self.method)  # unknown name -> error naming the nearest
+        try:
+            object.__setattr__(self, "output_dir",
+                               self.output_dir.format(method=self.method, seed=self.seed))
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"output_dir {self.output_dir!r}: only {{method}} and {{seed}} "
+                             f"can be filled in ({e})") from None
         if not isinstance(self.method_config, dict):
             raise ValueError("method_config must be a mapping of the method's own keys")
         if self.method_config and method.config_type is None:

@@ -1,0 +1,230 @@
+"""Run checkpoints: train state, teacher, PRNG key and JSON run state in one orbax step.
+
+:class:`RunCheckpointer` is a thin layer over :class:`orbax.checkpoint.CheckpointManager`.
+Each step is ONE composite checkpoint directory ``<directory>/<step>/`` holding the items
+
+* ``state``      -- the :class:`amrsd_jax.update.TrainState` (params, optax state, step),
+  written per shard (``StandardSave``);
+* ``teacher``    -- the optional teacher / EMA params (same structure as ``state.params``);
+* ``data_state``, ``config`` -- JSON dicts (data stream position, the run config);
+* ``run``        -- JSON: the PRNG key (raw ``key_data`` + impl name), ``extra`` counters
+  and which optional items the step holds.
+
+Atomicity is orbax's: a step is written under ``<step>.orbax-checkpoint-tmp`` (or, on GCS,
+without a ``commit_success.txt``) and only renamed / committed once every item of every
+process is on disk, so a crash mid-save leaves a directory that :meth:`latest_step` and
+:meth:`restore` never see (and that the next :class:`RunCheckpointer` on the directory
+deletes). With ``async_save=True`` :meth:`save` returns once the arrays are copied off the
+device buffers (so the caller may donate / overwrite them right away); the write and commit
+run in a background thread until :meth:`wait_until_finished` or :meth:`close`.
+
+Multi-host: every process must construct the checkpointer and call :meth:`save` /
+:meth:`restore` collectively with the same arguments (orbax synchronises them with
+barriers). Each process writes only the array shards it owns; the primary process
+(``jax.process_index() == 0``) creates and commits the step directory and writes the JSON
+items, so ``data_state`` / ``config`` / ``extra`` / ``rng_key`` must be the same on every
+process (fold any per-host stream position into ``data_state`` yourself). The directory
+must be on storage all processes see (shared file system or GCS). On restore every process
+reads the JSON and the shards its target shardings need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+_STATE, _TEACHER, _DATA, _CONFIG, _RUN = "state", "teacher", "data_state", "config", "run"
+
+
+class RestoredRun(NamedTuple):
+    """Everything :meth:`RunCheckpointer.restore` gives back for one step."""
+
+    step: int
+    train_state: Any  # TrainState with the abstract target's structure and shardings
+    teacher_params: Any  # params tree, or None when the step has none
+    rng_key: Any  # typed key of the saved impl, raw uint32 key data, or None
+    data_state: dict
+    config: dict
+    extra: dict
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """``jax.ShapeDtypeStruct`` twin of ``tree`` (arrays or abstract leaves), with shardings.
+
+    ``shardings`` is a tree of ``jax.sharding.Sharding`` with ``tree``'s structure or a
+    prefix of it (e.g. the ``state_sharding`` of :func:`amrsd_jax.update.make_update_step`,
+    or one sharding for everything); ``None`` keeps each leaf's own sharding if it has one.
+    """
+    def sds(x, sharding):
+        if sharding is None:
+            sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    if shardings is None:
+        return jax.tree.map(lambda x: sds(x, None), tree)
+    # shardings may be a prefix: map over it and broadcast each sharding over its subtree
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: sds(x, s), sub), shardings, tree,
+                        is_leaf=lambda s: s is None)
+
+
+def _check_json(name: str, value: dict) -> dict:
+    """Fail at the call site (not in the async writer thread) on non-JSON values."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} is not JSON-serialisable: {e}") from e
+    return value
+
+
+def _encode_key(key: Any) -> dict | None:
+    """Typed key -> ``{"typed": True, "impl": name, "data": [...]}``; raw uint32 kept raw."""
+    if key is None:
+        return None
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = np.asarray(jax.random.key_data(key) if typed else key)
+    return {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None,
+            "dtype": str(data.dtype), "shape": list(data.shape),
+            "data": data.reshape(-1).tolist()}
+
+
+def _decode_key(enc: dict | None) -> Any:
+    if enc is None:
+        return None
+    data = np.asarray(enc["data"], dtype=enc["dtype"]).reshape(enc["shape"])
+    if enc["typed"]:
+        return jax.random.wrap_key_data(data, impl=enc["impl"])
+    return jax.numpy.asarray(data)
+
+
+class RunCheckpointer:
+    """Save / restore whole training runs under ``directory`` (one orbax step per save).
+
+    Keeps the newest ``max_to_keep`` complete steps (``None`` keeps all). Not thread-safe;
+    use one instance per directory per job (orbax's manager is not multi-job safe: a second
+    job pointing at the same directory, e.g. an evaluator, must only read).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2,
+                 async_save: bool = True):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+            enable_async_checkpointing=async_save,
+            # leftovers of a crashed save: never finalized, safe to drop before writing again
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # step of an async save not yet committed
+
+    # ------------------------------------------------------------------ queries
+    def _pending(self) -> int | None:
+        if self._in_flight is not None and not self._mngr.is_saving_in_progress():
+            self._mngr.check_for_errors()  # surface a failed background write here
+            self._in_flight = None
+        return self._in_flight
+
+    def all_steps(self) -> list[int]:
+        """Complete (committed) steps, ascending."""
+        pending = self._pending()
+        return sorted(s for s in self._mngr.all_steps() if s != pending)
+
+    def latest_step(self) -> int | None:
+        """Newest complete step, or ``None`` when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, *, train_state: Any, teacher_params: Any = None, rng_key: Any,
+             data_state: dict, config: dict, extra: dict | None = None,
+             force: bool = True) -> bool:
+        """Write step ``step`` (asynchronously if so configured).
+
+        Returns False (and writes nothing) if ``step`` is already saved, or if ``force`` is
+        False and orbax's save policy declines. The arrays are copied before returning, so
+        ``train_state`` may be donated to the next update step immediately.
+        """
+        step = int(step)
+        if step in self._mngr.all_steps():
+            log.warning("checkpoint step %d already exists in %s; not overwriting",
+                        step, self.directory)
+            return False
+        run = {"format_version": _FORMAT_VERSION, "step": step,
+               "has_teacher": teacher_params is not None, "rng_key": _encode_key(rng_key),
+               "extra": _check_json("extra", dict(extra or {}))}
+        items = {_STATE: ocp.args.StandardSave(train_state),
+                 _DATA: ocp.args.JsonSave(_check_json("data_state", data_state)),
+                 _CONFIG: ocp.args.JsonSave(_check_json("config", config)),
+                 _RUN: ocp.args.JsonSave(run)}
+        if teacher_params is not None:
+            items[_TEACHER] = ocp.args.StandardSave(teacher_params)
+        self._pending()  # raise now if the previous async save failed
+        saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved and self._mngr.is_saving_in_progress():
+            self._in_flight = step
+        return saved
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, step: int | None = None, *, abstract_train_state: Any,
+                abstract_teacher_params: Any = None) -> RestoredRun:
+        """Restore ``step`` (default: the latest complete one).
+
+        ``abstract_train_state`` is a tree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set
+        (see :func:`abstract_like`); the returned train state has exactly its pytree
+        structure, dtypes and shardings. The teacher (if the step has one) is restored into
+        ``abstract_teacher_params``, defaulting to ``abstract_train_state.params``.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        step = int(step)
+        if step == self._pending():
+            self.wait_until_finished()
+        elif step not in self._mngr.all_steps():
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+                                    f"{self.directory}; available: {self.all_steps()}")
+        run = self._mngr.restore(step, args=ocp.args.Composite(
+            **{_RUN: ocp.args.JsonRestore()}))[_RUN]
+        items = {_STATE: ocp.args.StandardRestore(abstract_train_state),
+                 _DATA: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}
+        if run["has_teacher"]:
+            if abstract_teacher_params is None:
+                abstract_teacher_params = abstract_train_state.params
+            items[_TEACHER] = ocp.args.StandardRestore(abstract_teacher_params)
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        return RestoredRun(step=step, train_state=out[_STATE],
+                           teacher_params=out[_TEACHER] if run["has_teacher"] else None,
+                           rng_key=_decode_key(run["rng_key"]), data_state=out[_DATA],
+                           config=out[_CONFIG], extra=run["extra"])
+
+    # ------------------------------------------------------------------ lifecycle
+    def wait_until_finished(self) -> None:
+        """Block until the pending async save (if any) is committed; re-raise its error."""
+        self._mngr.wait_until_finished()
+        self._mngr.check_for_errors()
+        self._in_flight = None
+
+    def close(self) -> None:
+        """Wait for pending saves and old-step deletions, then release orbax's resources."""
+        self._mngr.close()
+        self._in_flight = None
+
+    def __enter__(self) -> "RunCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

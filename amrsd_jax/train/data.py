@@ -1,0 +1,90 @@
+"""Data for a run: examples from the configured source, tokenised once under the budget.
+
+Every prompt is rendered with the chat template and tokenised at start-up, so prompts
+over ``data.max_prompt_tokens`` are skipped or truncated (and counted) before any compute
+is spent, and the student prompt width is one bucket for the whole run (one compiled
+rollout and update program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..data import ArithmeticTask, FieldMap, load_local, render_prompt
+from ..rollout.prompts import encode_chat
+from ..rollout.sampler import bucket_length
+from .config import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Examples with their prompt tokens. ``examples[i]["prompt"]`` is the user message."""
+
+    examples: list[dict[str, Any]]
+    prompt_tokens: list[np.ndarray]  # one int32 row per example, unpadded
+    width: int  # bucketed width every prompt of this split fits
+    skipped_long: int
+    truncated_long: int
+    skipped_rows: int  # bad rows of the source (missing/empty fields, bad encoding)
+    problems: list[str]
+
+
+def _field_map(cfg: DataConfig) -> FieldMap:
+    return FieldMap(question=cfg.question_field, answer=cfg.answer_field,
+                    solution=cfg.solution_field, answer_from_solution=cfg.answer_from_solution)
+
+
+def load_examples(cfg: DataConfig, split: str, *, seed: int = 0) -> tuple[list[dict], int,
+                                                                        list[str]]:
+    """Raw examples of ``split`` ("train" or "eval"): ``(examples, skipped_rows, problems)``."""
+    if cfg.source == "arithmetic":
+        size = cfg.train_size if split == "train" else cfg.eval_size
+        levels = cfg.level if len(cfg.level) > 1 else cfg.level[0]
+        task = ArithmeticTask(levels, seed=cfg.seed, split="train" if split == "train" else "test",
+                              size=size, prompt_suffix=None)
+        return list(task), 0, []
+    if cfg.source == "local":
+        path = cfg.path if split == "train" else cfg.eval_path
+        if path is None:
+            return [], 0, []
+        result = load_local(path, _field_map(cfg))
+    else:
+        from ..data import load_tfds
+
+        name_split = cfg.train_split if split == "train" else cfg.eval_split
+        result = load_tfds(cfg.tfds_name, name_split, _field_map(cfg),
+                           data_dir=cfg.tfds_data_dir)
+    examples = list(result.examples)
+    if split == "eval" and cfg.eval_size and len(examples) > cfg.eval_size:
+        examples = examples[:cfg.eval_size]  # the first rows: the same set every run
+    return examples, result.skipped, list(result.problems)
+
+
+def prepare(tokenizer, examples: Sequence[dict], cfg: DataConfig, *,
+            system_prompt: str | None = None) -> PreparedData:
+    """Render and tokenise every example's prompt under ``cfg.max_prompt_tokens``."""
+    messages = [render_prompt(ex, cfg.prompt_suffix) for ex in examples]
+    enc = encode_chat(tokenizer, messages, max_tokens=cfg.max_prompt_tokens,
+                      system_prompt=system_prompt, on_long=cfg.on_long_prompt, buckets=None)
+    kept = []
+    tokens = []
+    for row, i in enumerate(enc.kept):
+        kept.append(dict(examples[i], prompt=messages[i]))
+        tokens.append(enc.ids[row][enc.mask[row].astype(bool)])
+    longest = max((len(t) for t in tokens), default=1)
+    return PreparedData(kept, tokens, bucket_length(longest), enc.skipped, enc.truncated, 0, [])
+
+
+def left_padded(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """``[len(rows), width]`` int32 ids and mask, each row right-aligned."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        if len(row):
+            ids[b, width - len(row):] = row
+            mask[b, width - len(row):] = 1
+    return ids, mask

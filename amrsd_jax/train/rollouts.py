@@ -1,0 +1,131 @@
+"""Host-side steps of a training iteration between the jitted programs.
+
+rollout tokens -> response texts -> verifier results -> (answer-span token masks for OAR)
+-> reflection prompts -> leak-guarded reflections -> teacher user messages.
+Everything here is plain Python/numpy over one step's ``B = prompts x G`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from ..reflection.contexts import (amr_sd_teacher_prompt, rlsd_teacher_prompt,
+                                   sdpo_teacher_prompt, select_peer)
+from ..reflection.leak_guard import redact_answer
+from ..reflection.prompts import ReflectionInputs, reflection_prompt
+from ..rewards import VerifierResult, score_batch
+
+
+def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """Texts of ``tokens [B, N]`` up to ``lengths [B]`` (special tokens dropped)."""
+    return [tokenizer.decode(tokens[i, :int(lengths[i])].tolist(), skip_special_tokens=True)
+            for i in range(tokens.shape[0])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """Verifier outcome of one step's rollouts (``[B]`` arrays)."""
+
+    results: list[VerifierResult]
+    rewards: np.ndarray  # float32
+    correct: np.ndarray  # bool
+    errors: int
+
+
+def verify(texts: Sequence[str], golds: Sequence[str], *, reward: str = "math",
+           format_weight: float = 0.0, success_threshold: float = 1.0,
+           timeout_s: float = 1.0) -> Verified:
+    """Score every rollout; a failing reward call gives reward 0 and is counted."""
+    results, errors = score_batch(reward, texts, golds, timeout_s=timeout_s)
+    rewards = np.array([r.reward for r in results], np.float32)
+    if format_weight:
+        fmt, fmt_errors = score_batch("format", texts, golds)
+        errors += fmt_errors
+        rewards = (rewards + format_weight * np.array([r.reward for r in fmt], np.float32)) \
+            / (1.0 + format_weight)
+    correct = np.array([r.reward >= success_threshold and r.error is None for r in results])
+    return Verified(results, rewards, correct, errors)
+
+
+def answer_token_mask(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
+                      results: Sequence[VerifierResult]) -> np.ndarray:
+    """``[B, N]`` 1 on the response tokens that overlap the verifier's answer span (OAR).
+
+    Character offsets come from decoding growing prefixes of the sampled tokens, so they
+    refer to exactly the text the verifier saw.
+    """
+    out = np.zeros(tokens.shape, np.int32)
+    for i, res in enumerate(results):
+        if res.answer_span is None:
+            continue
+        start, end = res.answer_span
+        prev = 0
+        for t in range(int(lengths[i])):
+            cur = len(tokenizer.decode(tokens[i, :t + 1].tolist(), skip_special_tokens=True))
+            if cur > start and prev < end:  # token t covers characters [prev, cur)
+                out[i, t] = 1
+            if prev >= end:
+                break
+            prev = cur
+    return out
+
+
+def reflection_messages(questions: Sequence[str], texts: Sequence[str], verified: Verified,
+                        group_size: int, *, use_peer: bool = True,
+                        reference_solutions: Sequence[str | None] | None = None) -> list[str]:
+    """One reflection request per rollout (hint if correct, critique if not), with the
+    privileged inputs of SPEC.md; the peer is another verifier-approved rollout of the group."""
+    out = []
+    for i, (question, text) in enumerate(zip(questions, texts)):
+        g0 = i - i % group_size
+        peer = None
+        if use_peer:
+            peer = select_peer(i - g0, texts[g0:g0 + group_size],
+                               verified.correct[g0:g0 + group_size].tolist())
+        res = verified.results[i]
+        out.append(reflection_prompt(ReflectionInputs(
+            question=question, rollout=text, correct=bool(verified.correct[i]),
+            feedback=res.feedback or None, peer_solution=peer,
+            reference_solution=reference_solutions[i] if reference_solutions else None)))
+    return out
+
+
+def guard_reflections(reflections: Sequence[str], golds: Sequence[str],
+                      enabled: bool = True) -> tuple[list[str], int]:
+    """Redact the gold answer from every reflection; returns (texts, redactions)."""
+    if not enabled:
+        return list(reflections), 0
+    out, total = [], 0
+    for text, gold in zip(reflections, golds):
+        text, n = redact_answer(text, str(gold))
+        out.append(text)
+        total += n
+    return out, total
+
+
+def teacher_messages(context: str, questions: Sequence[str], texts: Sequence[str],
+                     verified: Verified, group_size: int, *,
+                     reflections: Sequence[str] | None = None,
+                     solutions: Sequence[str | None] | None = None) -> list[str | None]:
+    """The teacher's user message per rollout for a method's ``teacher_context``.
+
+    ``None`` means the rollout has no teacher signal (SDPO without peer or feedback).
+    """
+    if context == "reflection":
+        return [amr_sd_teacher_prompt(q, r, bool(c))
+                for q, r, c in zip(questions, reflections, verified.correct)]
+    if context == "reference_solution":
+        return [rlsd_teacher_prompt(q, s or "") for q, s in zip(questions, solutions)]
+    if context == "reprompt":
+        out = []
+        for i, q in enumerate(questions):
+            g0 = i - i % group_size
+            peer = select_peer(i - g0, texts[g0:g0 + group_size],
+                               verified.correct[g0:g0 + group_size].tolist())
+            feedback = None if verified.correct[i] else (verified.results[i].feedback or None)
+            out.append(sdpo_teacher_prompt(q, peer, feedback))
+        return out
+    raise ValueError(f"unknown teacher context {context!r}")
