@@ -11,8 +11,9 @@ order (file by file as listed in the dataset info, each file front to back; no s
 -- :class:`~amrsd_jax.data.PromptStream` does the seeded shuffling and per-host sharding)
 and parsed with TFDS's numpy ``tf.train.Example`` parser. All three common file formats
 read this way: ``array_record`` (via the ``array_record`` package TFDS installs on Linux),
-``parquet`` (via ``pyarrow``) and ``tfrecord`` (TFDS's default; read by a small framing
-reader here, since TFDS itself reads tfrecord only through TensorFlow).
+``parquet`` (via ``pyarrow``; but TFDS 4.9.10 writes parquet splits of over 100 rows
+wrongly, which is detected and raised) and ``tfrecord`` (TFDS's default; read by a small
+framing reader here, since TFDS itself reads tfrecord only through TensorFlow).
 
 ``tensorflow_datasets`` is imported on the first call, not when ``amrsd_jax`` is imported.
 """
@@ -51,7 +52,7 @@ def _fix_hint(name: str, data_dir: str) -> str:
     base = name.split(":", 1)[0]
     return (f"load_tfds never downloads. Fix: on a machine with network run "
             f"`tfds build {base} --data_dir {data_dir} --file_format=array_record` "
-            f"(array_record, parquet and tfrecord all read without TensorFlow), then copy "
+            f"(array_record or tfrecord, the default, both read without TensorFlow), then copy "
             f"the prepared directory {os.path.join(data_dir, base.split('/')[0])!r} to this "
             f"machine's data_dir; or pass the data_dir where it is already prepared.")
 
@@ -89,13 +90,15 @@ def _flatten_row(row: Mapping[str, Any], prefix: str = "", out: dict | None = No
 
 # ---------------------------------------------------------------- raw record readers
 # Each yields the serialized tf.train.Example bytes of rows [skip, skip + take) of one
-# file; a read error of the file itself propagates (it is not a bad row).
+# file; a read error of the file itself (missing, truncated, fewer records than the dataset
+# info says) raises OSError -- it is not a bad row.
 
 def _array_record_records(path: str, skip: int, take: int) -> Iterator[bytes]:
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(path)
     try:
+        _check_count(path, reader.num_records(), skip + take)
         for begin in range(skip, skip + take, _CHUNK):
             yield from reader.read(begin, min(begin + _CHUNK, skip + take))
     finally:
@@ -106,7 +109,11 @@ def _parquet_records(path: str, skip: int, take: int) -> Iterator[bytes]:
     import pyarrow.parquet as pq
 
     pos, end = 0, skip + take
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_CHUNK):
+    pf = pq.ParquetFile(path)
+    _check_count(path, pf.metadata.num_rows, end,
+                 " (TFDS 4.9.10's parquet writer drops rows of splits with over 100 rows; "
+                 "rebuild with --file_format=array_record)")
+    for batch in pf.iter_batches(batch_size=_CHUNK):
         n = batch.num_rows
         if pos + n > skip:
             col = batch.column(0)  # TFDS stores the serialized example in column "data"
@@ -143,21 +150,30 @@ def _tfrecord_records(path: str, skip: int, take: int) -> Iterator[bytes]:
                     raise OSError(f"{path}: truncated TFRecord record {index}")
                 yield data
             index += 1
-    if index < skip + take:
-        raise OSError(f"{path}: has {index} records, the dataset info says at least "
-                      f"{skip + take}")
+    _check_count(path, index, skip + take)
 
 
-_CRC_TABLE: list[int] = []
+def _check_count(path: str, have: int, need: int, hint: str = "") -> None:
+    if have < need:
+        raise OSError(f"{path}: has {have} records but the dataset info says at least "
+                      f"{need}; the prepared copy is incomplete or was written wrongly{hint}")
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
 
 
 def _masked_crc32c(data: bytes) -> int:
-    if not _CRC_TABLE:
-        for i in range(256):
-            c = i
-            for _ in range(8):
-                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-            _CRC_TABLE.append(c)
+    """TFRecord's masked CRC32C (Castagnoli) of ``data``."""
     c = 0xFFFFFFFF
     for b in data:
         c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
@@ -185,7 +201,8 @@ def _raw_records(builder: Any, split: str, where: str) -> Iterator[bytes]:
                          f"split {split!r} (splits: {sorted(info.splits)}): {e}") from None
     for fi in instructions:
         if fi.take > 0:
-            yield from reader(os.fspath(fi.filename), fi.skip, fi.take)
+            path = os.path.join(os.fspath(builder.data_dir), os.fspath(fi.filename))
+            yield from reader(path, fi.skip, fi.take)  # (join keeps an absolute filename)
 
 
 def _builder(tfds: Any, name: str, data_dir: str | None) -> Any:
@@ -211,7 +228,7 @@ def _builder(tfds: Any, name: str, data_dir: str | None) -> Any:
 def load_tfds(name: str, split: str, fields: FieldMap | None = None, *,
               data_dir: str | os.PathLike | None = None, on_bad_row: str = "skip",
               limit: int | None = None) -> LoadResult:
-    """Read one split of a prepared TFDS dataset into examples ``{"id","question","answer","solution"}``.
+    """Read a split of a prepared TFDS dataset into ``{"id","question","answer","solution"}``.
 
     Args:
         name: the TFDS name, optionally with config and version (``"gsm8k"``,
@@ -258,8 +275,11 @@ def load_tfds(name: str, split: str, fields: FieldMap | None = None, *,
     builder = _builder(tfds, name, data_dir)
     features = builder.info.features
     available = _feature_names(features)
-    wanted = [f for f in (fields.question, fields.answer, fields.solution, fields.id)
-              if f is not None]
+    if fields.answer_from_solution:  # the answer comes from the solution text
+        used = (fields.question, fields.solution or fields.answer, fields.id)
+    else:
+        used = (fields.question, fields.answer, fields.solution, fields.id)
+    wanted = [f for f in used if f is not None]
     unknown = [f for f in wanted if f not in available]
     if unknown:
         raise ValueError(f"TFDS dataset {name!r} has no feature(s) {unknown} named in "

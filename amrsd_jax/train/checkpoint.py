@@ -111,21 +111,26 @@ class RunCheckpointer:
     """Save / restore whole training runs under ``directory`` (one orbax step per save).
 
     Keeps the newest ``max_to_keep`` complete steps (``None`` keeps all). Not thread-safe;
-    use one instance per directory per job (orbax's manager is not multi-job safe: a second
-    job pointing at the same directory, e.g. an evaluator, must only read).
+    use one writing instance per directory per job (orbax's manager is not multi-job safe).
+    Anything that only reads a directory another job may be writing (an evaluator, weights
+    for evaluation) must pass ``read_only=True``: it never creates, cleans up or deletes.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
             enable_async_checkpointing=async_save,
             # leftovers of a crashed save: never finalized, safe to drop before writing again
-            cleanup_tmp_directories=True,
-            create=True,
+            # (but never from a reader: they may be another job's save in progress)
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+            save_interval_steps=0 if read_only else 1,  # orbax warns unless 0 when read-only
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # step of an async save not yet committed
@@ -157,6 +162,8 @@ class RunCheckpointer:
         False and orbax's save policy declines. The arrays are copied before returning, so
         ``train_state`` may be donated to the next update step immediately.
         """
+        if self.read_only:
+            raise PermissionError(f"RunCheckpointer({self.directory!r}) is read-only")
         step = int(step)
         if step in self._mngr.all_steps():
             log.warning("checkpoint step %d already exists in %s; not overwriting",
@@ -185,7 +192,10 @@ class RunCheckpointer:
         ``abstract_train_state`` is a tree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set
         (see :func:`abstract_like`); the returned train state has exactly its pytree
         structure, dtypes and shardings. The teacher (if the step has one) is restored into
-        ``abstract_teacher_params``, defaulting to ``abstract_train_state.params``.
+        ``abstract_teacher_params``, defaulting to ``abstract_train_state.params``; a step
+        saved without a teacher gives ``teacher_params=None`` (the caller decides whether to
+        rebuild one). Raises ``FileNotFoundError`` (naming the directory) when there is no
+        such complete step.
         """
         if step is None:
             step = self.latest_step()

@@ -191,7 +191,10 @@ class Trainer:
                                           response_mask, answer, mode=mode,
                                           oar_config=oar_cfg, pad_id=pad_id, rng=rng)
 
-            self._importance_fn = jax.jit(fn)
+            from ..sharding import batch_sharding
+
+            rows = batch_sharding(self.mesh, 2)  # what the update step expects
+            self._importance_fn = jax.jit(fn, out_shardings=rows)
         return self._importance_fn(self.state.params, batch["prompt_ids"], batch["prompt_mask"],
                                    batch["response_ids"], batch["response_mask"],
                                    answer_mask, key)
@@ -403,7 +406,7 @@ class Trainer:
         path = Path(run_dir)
         if (path / "checkpoints").is_dir():
             path = path / "checkpoints"
-        restored = self._restore(RunCheckpointer(path, async_save=False), None)
+        restored = self._restore(RunCheckpointer(path, async_save=False, read_only=True), None)
         self.start_step = restored.step
         return restored.step
 

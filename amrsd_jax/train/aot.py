@@ -1,0 +1,611 @@
+"""``python run.py train --config X --dry-run``: will this run fit in the accelerator's memory?
+
+:func:`dry_run` builds the run's programs exactly as the trainer does -- the abstract model
+(``nnx.eval_shape``: shapes only, no weights), the ``(data, fsdp, tensor)`` mesh, the optimizer,
+:func:`~amrsd_jax.update.make_update_step` with a batch of the run's real shapes, the scorer
+and the rollout sampler -- and compiles them ahead of time from ``ShapeDtypeStruct``s that
+carry the real shardings. XLA's ``memory_analysis()`` of each compiled program gives the
+per-device bytes of its arguments, outputs and temporaries; adding what stays resident on the
+device during that phase (optimizer moments, teacher / reference weight copies) gives a
+per-device peak to compare with the HBM budget.
+
+Without the accelerator, the mesh is made of fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which must be set before JAX starts):
+:func:`main_dry_run` re-executes itself in a subprocess with that flag when the current
+process has too few devices, so the check runs on a laptop. CPU-compiled memory is an
+*estimate* of the TPU one: the program and its shardings are the same, but TPU layouts
+(tiling / padding), fusion decisions and bf16 handling differ.
+
+Command line (also reachable as ``python run.py train --config X --dry-run``)::
+
+    python -m amrsd_jax.train.aot --config configs/tpu_qwen2.5-math-1.5b_gsm8k_v5e-8.yaml \
+        [--hbm-gib 16 | --tpu v5e] [--json out.json] [--no-sampler] [key=value ...]
+
+``key=value`` overrides go to the :class:`~amrsd_jax.train.config.TrainConfig`, except
+``dry_run.hbm_gib=..``, ``dry_run.tpu=..``, ``dry_run.devices=..``, ``dry_run.sampler=..``
+and ``dry_run.json=..``, which set the options above (so ``run.py train --dry-run`` needs no
+extra flags). Exit code: 0 fits, 1 does not fit, 2 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+GIB = 1024 ** 3
+
+# HBM per JAX device (one chip; v4 / v5p chips are one megacore device each)
+HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+DEFAULT_TPU = "v5e"
+
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_CHILD_ENV = "AMRSD_DRY_RUN_CHILD"
+# CPU backend codegen only: halves compile time, leaves the HLO passes (sharding, fusion,
+# buffer assignment, hence memory_analysis) unchanged
+_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                         "xla_llvm_disable_expensive_passes": True}
+_OPTION_KEYS = ("hbm_gib", "tpu", "devices", "sampler", "json")
+
+ESTIMATE_NOTE = ("memory from XLA's compile of the same sharded programs for {platform} "
+                 "devices; on TPU, layouts (tiling/padding), fusion and bf16 handling differ, "
+                 "so treat these numbers as an estimate of the TPU ones")
+
+
+# ----------------------------------------------------------------------------- architecture
+def resolve_architecture(name_or_path: str, *, dtype: str = "float32",
+                         param_dtype: str | None = None, remat: bool = False):
+    """``(DecoderConfig, how it was found)`` for ``model.name``, without reading weights.
+
+    A local checkpoint directory with ``config.json`` wins; then an exact preset name; then
+    the preset whose name is contained in the path's last component (case-insensitive,
+    longest match: ``/path/to/Qwen2.5-Math-1.5B-Instruct`` -> ``qwen2.5-math-1.5b-instruct``).
+    """
+    from ..models.presets import PRESETS, architecture_config, match_preset, preset_names
+
+    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    path = Path(str(name_or_path)).expanduser()
+    if (path / "config.json").is_file():
+        return architecture_config(path, **kw), f"{path / 'config.json'}"
+    if str(name_or_path).lower() in PRESETS:
+        return architecture_config(str(name_or_path), **kw), \
+            f"built-in preset {str(name_or_path).lower()!r}"
+    preset = match_preset(name_or_path)
+    if preset is None:
+        raise ValueError(
+            f"model.name={str(name_or_path)!r}: not a local checkpoint directory with "
+            f"config.json, and no architecture preset name is contained in "
+            f"{path.name!r}; presets: {', '.join(preset_names())} (or point model.name at a "
+            "directory holding the checkpoint's config.json; weights are not needed)")
+    why = "has no config.json" if path.is_dir() else "does not exist here"
+    return architecture_config(preset, **kw), \
+        f"built-in preset {preset!r}, matched by name ({str(path)!r} {why})"
+
+
+# ----------------------------------------------------------------------------- shapes
+@dataclasses.dataclass(frozen=True)
+class RunShapes:
+    """The array shapes of one training iteration (as the trainer pads them)."""
+
+    rows: int  # B = prompts_per_step * group_size
+    micro_rows: int  # rows per micro-batch of the update step
+    prompt: int  # P: student prompt width (bucketed data.max_prompt_tokens)
+    response: int  # N: rollout.max_new_tokens (the sampler returns exactly N columns)
+    teacher_prompt: int | None  # Pt: teacher prompt width, when the method has a teacher
+    sampler_name: str  # which sampling call has the largest KV cache
+    sampler_prompt: int  # its bucketed prompt width
+    sampler_new_tokens: int  # its bucketed decode length
+
+
+def run_shapes(config) -> RunShapes:
+    from ..credit.registry import get_method
+    from ..rollout.sampler import bucket_length
+
+    method = get_method(config.method)
+    rows = config.rollout.batch_size
+    prompt = bucket_length(config.data.max_prompt_tokens)
+    teacher = None
+    if method.teacher_context is not None:
+        teacher = max(bucket_length(config.reflection.max_teacher_prompt_tokens), prompt)
+    samplers = [("rollout", prompt, bucket_length(config.rollout.max_new_tokens))]
+    if method.teacher_context == "reflection":
+        samplers.append(("reflection", bucket_length(config.reflection.max_prompt_tokens),
+                         bucket_length(config.reflection.max_tokens)))
+    name, sp, sn = max(samplers, key=lambda s: s[1] + s[2])
+    return RunShapes(rows, rows // config.micro_batches, prompt, config.rollout.max_new_tokens,
+                     teacher, name, sp, sn)
+
+
+def batch_keys(config) -> list[str]:
+    """The update-step batch keys of a run (as ``Trainer._batch_keys``)."""
+    from ..credit.registry import get_method
+
+    method = get_method(config.method)
+    keys = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards",
+            "sampler_logprobs", "old_logprobs"]
+    if "entropy" in method.passes:
+        keys.append("entropy")
+    if method.distillation:
+        keys += ["teacher_prompt_ids", "teacher_prompt_mask", "teacher_valid"]
+    elif method.teacher_context is not None:
+        keys.append("teacher_logprobs")
+    if config.policy.kl_beta > 0:
+        keys.append("ref_logprobs")
+    if method.passes & {"outcome_gradient", "outcome_perturbation"}:
+        keys.append("importance")
+    return keys
+
+
+def abstract_batch(config, mesh=None) -> dict:
+    """``ShapeDtypeStruct``s of the update step's batch (sharded over the batch axes when
+    ``mesh`` is given): int32 ids and masks, float32 rewards and per-token arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    s = run_shapes(config)
+    b, p, n, pt = s.rows, s.prompt, s.response, s.teacher_prompt
+    shapes = {"prompt_ids": ((b, p), jnp.int32), "prompt_mask": ((b, p), jnp.int32),
+              "response_ids": ((b, n), jnp.int32), "response_mask": ((b, n), jnp.int32),
+              "rewards": ((b,), jnp.float32), "teacher_prompt_ids": ((b, pt or p), jnp.int32),
+              "teacher_prompt_mask": ((b, pt or p), jnp.int32),
+              "teacher_valid": ((b,), jnp.int32)}
+    out = {k: jax.ShapeDtypeStruct(*shapes.get(k, ((b, n), jnp.float32)))
+           for k in batch_keys(config)}
+    if mesh is not None:
+        from ..update import batch_spec
+
+        out = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
+               for (k, v), sh in zip(out.items(), batch_spec(out, mesh).values())}
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _with_shardings(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of an abstract tree whose leaves carry shardings."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _compile(jitted, args, kwargs=None, *, platform: str) -> dict:
+    """Lower + compile; per-device memory (GiB) from ``memory_analysis()`` and timings."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args, **(kwargs or {}))
+    t1 = time.perf_counter()
+    options = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    t2 = time.perf_counter()
+    ma = compiled.memory_analysis()
+    if ma is None:
+        raise RuntimeError(f"the {platform} backend reports no memory analysis for compiled "
+                           "programs; run the dry run on CPU (fake devices) or TPU")
+    stats = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+             "alias": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes,
+             "generated_code": ma.generated_code_size_in_bytes}
+    # live at once: arguments + outputs (minus outputs written into donated arguments)
+    # + temporaries + the program itself
+    stats["total"] = (stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
+                      + stats["generated_code"])
+    out = {k: v / GIB for k, v in stats.items()}
+    out.update(lower_s=t1 - t0, compile_s=t2 - t1)
+    return out
+
+
+def hbm_budget(hbm_gib: float | None = None, tpu: str | None = None,
+               hint: str = "") -> tuple[float, str]:
+    """``(GiB per device, where it came from)``: explicit ``hbm_gib``, else the TPU generation
+    ``tpu`` (or one named in ``hint``, e.g. the config's file name), else v5e."""
+    if hbm_gib is not None:
+        return float(hbm_gib), "given"
+    if tpu is None:
+        m = re.search(r"(v5e|v5p|v6e|v4)", hint.lower())
+        tpu = m.group(1) if m else None
+        if tpu is None:
+            return HBM_GIB[DEFAULT_TPU], f"TPU {DEFAULT_TPU} (default; set --hbm-gib or --tpu)"
+        return HBM_GIB[tpu], f"TPU {tpu} (from {Path(hint).name!r})"
+    key = tpu.lower()
+    if key not in HBM_GIB:
+        raise ValueError(f"unknown TPU generation {tpu!r}; known: {sorted(HBM_GIB)} "
+                         "(or give --hbm-gib)")
+    return HBM_GIB[key], f"TPU {key}"
+
+
+# ----------------------------------------------------------------------------- dry run
+def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | None = None,
+            sampler: bool = True, config_name: str = "",
+            out: Callable[[str], Any] = print) -> dict:
+    """Compile the run's programs from shapes alone and report per-device memory.
+
+    Args:
+      config: a :class:`~amrsd_jax.train.config.TrainConfig`.
+      devices: the devices of the mesh (default: all of ``jax.devices()``); their number must
+        match ``config.mesh`` (:func:`~amrsd_jax.train.config.check_mesh`, a ``ConfigError``).
+      hbm_gib / tpu: the per-device memory budget (see :func:`hbm_budget`); ``config_name``
+        (the YAML path) is a hint for the TPU generation and is printed.
+      sampler: also compile the rollout/reflection sampler (its KV cache).
+      out: where the report's lines go.
+
+    Returns a JSON-able dict: model, mesh, shapes, per-program memory (GiB per device),
+    resident state, per-phase peaks, budget and ``fits``.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ..credit.registry import get_method
+    from ..models.decoder import Decoder
+    from ..scoring import make_scorer
+    from ..sharding import make_mesh, state_shardings
+    from ..update import StepConfig, TrainState, make_optimizer, make_update_step
+    from .config import check_mesh
+
+    t_start = time.perf_counter()
+    devices = list(devices if devices is not None else jax.devices())
+    mesh_shape = check_mesh(config, len(devices))
+    mesh = make_mesh(*mesh_shape, devices=devices)
+    platform = devices[0].platform
+    replicated = NamedSharding(mesh, PartitionSpec())
+    method = get_method(config.method)
+    shapes = run_shapes(config)
+    budget, budget_source = hbm_budget(hbm_gib, tpu, config_name)
+
+    arch, arch_source = resolve_architecture(config.model.name, dtype=config.model.dtype,
+                                             param_dtype=config.model.param_dtype,
+                                             remat=config.model.remat)
+    # shapes only: every parameter is a ShapeDtypeStruct, nothing is allocated
+    model = nnx.eval_shape(lambda: Decoder(arch, rngs=nnx.Rngs(0)))
+    _, params, other = nnx.split(model, nnx.Param, ...)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+    optimizer = make_optimizer(config.optimizer)
+    step_cfg = StepConfig(method=config.method, group_size=config.rollout.group_size,
+                          advantage_scale=config.advantage_scale,
+                          micro_batches=config.micro_batches, policy=config.policy,
+                          method_config=config.method_settings(), vocab_chunk=config.vocab_chunk)
+    batch = abstract_batch(config, mesh)
+    step_fn, state_sh = make_update_step(model, optimizer, step_cfg, mesh, batch)
+    abstract_state = jax.eval_shape(lambda: TrainState(params, optimizer.init(params),
+                                                       jnp.zeros((), jnp.int32)))
+    state = _with_shardings(abstract_state, state_sh)
+    other_in = _with_shardings(other, jax.tree.map(lambda _: replicated, other))
+    params_pd = _bytes_per_device(state.params) / GIB
+    opt_pd = _bytes_per_device(state.opt_state) / GIB
+    # weight copies besides the policy's (trainer: teacher_params for ema/frozen teacher
+    # weights, ref_params when policy.kl_beta > 0)
+    extra_copies = int(method.teacher_weights in ("ema", "frozen")) + \
+        int(config.policy.kl_beta > 0)
+
+    mesh_txt = (f"data={mesh_shape[0]} x fsdp={mesh_shape[1]} x tensor={mesh_shape[2]} = "
+                f"{len(devices)} {'fake CPU' if platform == 'cpu' else platform.upper()} devices")
+    passes = ", ".join(sorted(method.passes))
+    teacher_txt = (f"; teacher {method.teacher_context} / {method.teacher_weights} weights"
+                   if method.teacher_context else "")
+    out(f"amrsd_jax dry run{' of ' + config_name if config_name else ''}: ahead-of-time "
+        "compile from shapes only (no weights are allocated)")
+    out(f"  model    {config.model.name}")
+    out(f"           architecture: {arch_source}")
+    out(f"           {arch.model_type}, {n_params / 1e9:.3f}B params, {arch.num_layers} layers,"
+        f" hidden {arch.hidden_size}, vocab {arch.vocab_size}; params {arch.param_dtype}, "
+        f"compute {arch.dtype}, remat {'on' if arch.remat else 'off'}")
+    out(f"  method   {config.method} (scoring passes: {passes}{teacher_txt})")
+    out(f"  mesh     {mesh_txt}")
+    rows_dev = shapes.micro_rows // (mesh_shape[0] * mesh_shape[1])
+    out(f"  batch    {shapes.rows} rollouts = {config.rollout.prompts_per_step} prompts x "
+        f"{config.rollout.group_size}; micro_batches={config.micro_batches} -> "
+        f"{shapes.micro_rows} rows per micro-batch ({rows_dev} per device); prompt "
+        f"{shapes.prompt}, response {shapes.response}"
+        + (f", teacher prompt {shapes.teacher_prompt}" if shapes.teacher_prompt else "")
+        + f" tokens; vocab_chunk={config.vocab_chunk}")
+
+    programs: dict[str, dict] = {}
+    out("  compiling ...")
+
+    # 1. sampling (rollouts, and reflections for AMR-SD): the largest KV cache of the two
+    if sampler:
+        from ..rollout.sampler import _generate
+        from ..sharding import batch_sharding
+
+        # remat only changes the backward pass; the sampler has none, and (with
+        # amrsd_jax's decoder as of this writing) an nnx.remat layer inside the decode
+        # while_loop fails to trace, so the sampling program is built without it
+        sampling_model = model if not arch.remat else nnx.eval_shape(
+            lambda: Decoder(arch.replace(remat=False), rngs=nnx.Rngs(0)))
+        graphdef_all, full_state = nnx.split(sampling_model)
+        state_all = _with_shardings(full_state, state_shardings(full_state, mesh))
+        rows_sh = batch_sharding(mesh, 2)
+        b, sp = shapes.rows, shapes.sampler_prompt
+        ids = jax.ShapeDtypeStruct((b, sp), jnp.int32, sharding=rows_sh)
+        stops = jax.ShapeDtypeStruct((b, max(1, len(arch.eos_token_ids))), jnp.int32,
+                                     sharding=rows_sh)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+        f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+        i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        sampling = (config.rollout if shapes.sampler_name == "rollout" else config.reflection)
+        top_k = getattr(sampling, "top_k", 0)
+        programs["sampler"] = _compile(
+            _generate, (graphdef_all, state_all, ids, ids, stops, key, f32, f32, i32, i32),
+            dict(max_new_tokens=shapes.sampler_new_tokens, greedy=False, top_k=top_k,
+                 use_top_p=sampling.top_p < 1.0), platform=platform)
+        programs["sampler"]["label"] = (f"{shapes.sampler_name} sampler ({shapes.rows} x "
+                                        f"{sp}+{shapes.sampler_new_tokens})")
+        programs["sampler"]["resident"] = opt_pd + extra_copies * params_pd
+
+    # 2. scoring passes (the trainer scores the whole batch in one call per pass)
+    scorer = make_scorer(model, mesh, vocab_chunk=config.vocab_chunk,
+                         with_entropy="entropy" in method.passes)
+    params_in = state.params
+    rows_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+    def seq(width):
+        return jax.ShapeDtypeStruct((shapes.rows, width), jnp.int32, sharding=rows_sh)
+
+    resp = seq(shapes.response)
+    programs["score_old"] = _compile(scorer, (params_in, seq(shapes.prompt), seq(shapes.prompt),
+                                              resp, resp), platform=platform)
+    ref_txt = " (also the reference pass)" if config.policy.kl_beta > 0 else ""
+    programs["score_old"]["label"] = (f"scorer: old logprobs{ref_txt} ({shapes.rows} x "
+                                      f"{shapes.prompt}+{shapes.response})")
+    programs["score_old"]["resident"] = opt_pd + extra_copies * params_pd
+    if method.teacher_context is not None and not method.distillation:
+        pt = shapes.teacher_prompt
+        programs["score_teacher"] = _compile(scorer, (params_in, seq(pt), seq(pt), resp, resp),
+                                             platform=platform)
+        programs["score_teacher"]["label"] = (f"scorer: teacher logprobs ({shapes.rows} x "
+                                              f"{pt}+{shapes.response})")
+        programs["score_teacher"]["resident"] = opt_pd + extra_copies * params_pd
+
+    # 3. the update step (teacher weights are an argument for SDPO's distillation)
+    step_args = (state, batch, other_in) + ((state.params,) if method.distillation else ())
+    programs["update"] = _compile(step_fn.jitted, step_args, platform=platform)
+    programs["update"]["label"] = f"update step ({config.method}, {config.micro_batches} micro)"
+    programs["update"]["resident"] = (extra_copies - int(method.distillation)) * params_pd
+
+    for p in programs.values():
+        p["peak"] = p["total"] + p["resident"]
+    peak_name = max(programs, key=lambda k: programs[k]["peak"])
+    peak = programs[peak_name]["peak"]
+    fits = peak <= budget
+    wall = time.perf_counter() - t_start
+
+    # GiB, or MiB for small (test-sized) models
+    unit, scale = ("GiB", 1.0) if peak >= 0.5 else ("MiB", 1024.0)
+    out("")
+    out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
+        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}")
+    for p in programs.values():
+        v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
+                                       "resident", "peak")}
+        out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
+            f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
+            f"{p['lower_s'] + p['compile_s']:>8.1f}s")
+    out("  (program = args + out - alias + temp + code; +state = what stays on the device "
+        "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
+        "reference weight copies)")
+    out("")
+    out(f"  state per device: params {params_pd * scale:.2f} {unit}, optimizer state "
+        f"{opt_pd * scale:.2f} {unit}"
+        + (f", {extra_copies} extra weight cop{'y' if extra_copies == 1 else 'ies'} "
+           f"{extra_copies * params_pd * scale:.2f} {unit}" if extra_copies else ""))
+    out(f"  peak per device: {peak * scale:.2f} {unit} ({programs[peak_name]['label']})")
+    verdict = (f"FITS, {budget - peak:.2f} GiB to spare" if fits
+               else f"DOES NOT FIT, over by {peak - budget:.2f} GiB")
+    out(f"  HBM budget: {budget:.1f} GiB per device [{budget_source}] -> {verdict}")
+    if platform == "cpu":
+        out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
+    out(f"  dry run wall time {wall:.1f}s")
+
+    return {
+        "config": config_name or None,
+        "model": {"name": config.model.name, "architecture": arch_source,
+                  "model_type": arch.model_type, "params": n_params,
+                  "num_layers": arch.num_layers, "param_dtype": arch.param_dtype,
+                  "dtype": arch.dtype, "remat": arch.remat},
+        "method": config.method,
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
+        "devices": len(devices),
+        "platform": platform,
+        "shapes": dataclasses.asdict(shapes),
+        "state_gib_per_device": {"params": params_pd, "optimizer": opt_pd,
+                                 "extra_weight_copies": extra_copies * params_pd},
+        "programs": programs,
+        "peak_gib": peak,
+        "peak_program": peak_name,
+        "hbm_gib": budget,
+        "hbm_source": budget_source,
+        "fits": fits,
+        "margin_gib": budget - peak,
+        "estimate": platform == "cpu",
+        "wall_s": wall,
+    }
+
+
+# ----------------------------------------------------------------------------- devices
+def _with_device_count(xla_flags: str, n: int) -> str:
+    kept = [f for f in xla_flags.split() if not f.startswith(_COUNT_FLAG)]
+    return " ".join(kept + [f"{_COUNT_FLAG}={n}"])
+
+
+def ensure_fake_devices(n: int) -> None:
+    """Make sure JAX has at least ``n`` devices.
+
+    Before JAX's backend starts this sets ``XLA_FLAGS=--xla_force_host_platform_device_count=n``
+    (CPU); afterwards that flag has no effect, so too few devices is an error saying how to
+    get them.
+    """
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), n)
+    have = jax.device_count()
+    if have < n:
+        raise RuntimeError(
+            f"the dry run needs {n} devices but JAX has {have} ({jax.devices()[0].platform}); "
+            f"fake CPU devices must be requested before JAX starts: run with "
+            f"XLA_FLAGS={_COUNT_FLAG}={n} JAX_PLATFORMS=cpu, or call "
+            "amrsd_jax.train.aot.main_dry_run, which re-executes itself with them")
+
+
+def needed_devices(config, devices: int | None = None) -> int:
+    """Devices the configured mesh needs (``mesh.data=-1`` counts as 1 unless ``devices``)."""
+    if devices is not None:
+        return int(devices)
+    m = config.mesh
+    return (m.data if m.data > 0 else 1) * m.fsdp * m.tensor
+
+
+def split_options(overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate ``dry_run.<option>=value`` overrides from the TrainConfig ones."""
+    rest, opts = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip().startswith("dry_run."):
+            name = key.strip()[len("dry_run."):]
+            if name not in _OPTION_KEYS:
+                from ..config import ConfigError
+
+                raise ConfigError(f"unknown dry-run option {key.strip()!r}; options: "
+                                  + ", ".join(f"dry_run.{k}" for k in _OPTION_KEYS))
+            opts[name] = value
+        else:
+            rest.append(item)
+    return rest, opts
+
+
+def reexec_command(config_path, overrides: Sequence[str], n: int,
+                   env: dict | None = None) -> tuple[list[str], dict]:
+    """``(argv, env)`` that re-runs the dry run in a fresh process with ``n`` CPU devices."""
+    import amrsd_jax
+
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = _with_device_count(env.get("XLA_FLAGS", ""), n)
+    env["JAX_PLATFORMS"] = "cpu"
+    env[_CHILD_ENV] = "1"
+    root = str(Path(amrsd_jax.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p and p != root])
+    argv = [sys.executable, "-m", "amrsd_jax.train.aot"]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    return argv + list(overrides), env
+
+
+def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float | None = None,
+                 tpu: str | None = None, sampler: bool = True, json_path: str | None = None,
+                 out: Callable[[str], Any] = print) -> int:
+    """Entry point of ``run.py train --dry-run``: load the config, get the devices (re-running
+    itself with fake CPU devices if this process has too few), :func:`dry_run`, print.
+
+    Returns 0 if the run fits the HBM budget, 1 if not, 2 for a configuration error.
+    """
+    from ..config import ConfigError
+    from .config import load_train_config
+
+    try:
+        rest, opts = split_options(overrides)
+        config = load_train_config(config_path, rest)
+        hbm_gib = float(opts["hbm_gib"]) if "hbm_gib" in opts else hbm_gib
+        tpu = opts.get("tpu", tpu)
+        sampler = (opts["sampler"].lower() not in ("0", "false", "no", "off")
+                   if "sampler" in opts else sampler)
+        json_path = opts.get("json", json_path)
+        n = needed_devices(config, opts.get("devices"))
+        hbm_budget(hbm_gib, tpu)  # validate the TPU name before compiling anything
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        flags = os.environ.get("XLA_FLAGS", "")
+        m = re.search(_COUNT_FLAG + r"=(\d+)", flags)
+        if m is None or int(m.group(1)) < n:
+            os.environ["XLA_FLAGS"] = _with_device_count(flags, n)
+    devices = jax.devices()
+    if len(devices) < n:
+        if os.environ.get(_CHILD_ENV):
+            print(f"error: the dry run needs {n} devices, the re-executed process has "
+                  f"{len(devices)}", file=sys.stderr)
+            return 2
+        argv, env = reexec_command(config_path, list(overrides) + _option_overrides(
+            hbm_gib, tpu, sampler, json_path), n)
+        out(f"[dry run] this process has {len(devices)} {devices[0].platform} device(s); "
+            f"re-running with {n} fake CPU devices ({_COUNT_FLAG}={n})")
+        return subprocess.run(argv, env=env, check=False).returncode
+    try:
+        report = dry_run(config, devices=devices[:n], hbm_gib=hbm_gib, tpu=tpu, sampler=sampler,
+                         config_name=str(config_path or ""), out=out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        out(f"  wrote {json_path}")
+    return 0 if report["fits"] else 1
+
+
+def _option_overrides(hbm_gib, tpu, sampler, json_path) -> list[str]:
+    """Command-line options as ``dry_run.*`` overrides (to hand to the re-executed child)."""
+    opts = []
+    if hbm_gib is not None:
+        opts.append(f"dry_run.hbm_gib={hbm_gib}")
+    if tpu is not None:
+        opts.append(f"dry_run.tpu={tpu}")
+    if not sampler:
+        opts.append("dry_run.sampler=false")
+    if json_path:
+        opts.append(f"dry_run.json={json_path}")
+    return opts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m amrsd_jax.train.aot",
+        description="AOT memory check of a training config (no weights, fake CPU devices)")
+    parser.add_argument("--config", default=None, help="training YAML (default: built-in "
+                                                       "TrainConfig defaults)")
+    parser.add_argument("--hbm-gib", type=float, default=None,
+                        help="per-device HBM budget in GiB (default: from --tpu)")
+    parser.add_argument("--tpu", default=None, choices=sorted(HBM_GIB),
+                        help="TPU generation for the budget (default: named in the config's "
+                             f"file name, else {DEFAULT_TPU})")
+    parser.add_argument("--json", default=None, help="also write the report as JSON here")
+    parser.add_argument("--no-sampler", action="store_true",
+                        help="skip compiling the rollout sampler")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    return main_dry_run(args.config, args.overrides, hbm_gib=args.hbm_gib, tpu=args.tpu,
+                        sampler=not args.no_sampler, json_path=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
