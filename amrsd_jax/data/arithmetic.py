@@ -1,8 +1,10 @@
-"""Built-in offline task: deterministic arithmetic word problems in four difficulty levels.
+"""Built-in offline task: deterministic arithmetic word problems in five difficulty levels.
 
 Levels (every answer is a non-negative integer; division is always exact):
 
-1. two-number addition: ``"What is 23 + 58?"`` and word forms (``"Tom has 23 apples and buys
+0. one-digit two-number addition: ``"What is 3 + 5?"`` and the word forms of level 1 (the
+   bundled 135M model's starting point: about 10-30% pass@1 at temperature 1);
+1. two-digit two-number addition: ``"What is 23 + 58?"`` and word forms (``"Tom has 23 apples and buys
    58 more. How many apples does Tom have now?"``);
 2. two-number addition or subtraction, up to three digits, mostly word problems;
 3. one multiplication, or two steps of addition/subtraction;
@@ -56,7 +58,7 @@ PROMPT_SUFFIX = "Give the final answer after 'Answer:'."
 TEST_FRACTION = 0.1
 """Default fraction of the question space assigned to the held-out ("test") split."""
 
-LEVELS = (1, 2, 3, 4)
+LEVELS = (0, 1, 2, 3, 4)
 
 _SPLIT_SALT = b"amrsd-arith-split|"
 _SPLITS = ("train", "test")
@@ -129,8 +131,16 @@ def _numeric(expr: str, steps) -> _Problem:
     return _Problem(_ask(expr), _py(expr), tuple(("", a, op, b) for a, op, b in steps))
 
 
+def _level0(rng: random.Random) -> _Problem:
+    return _addition(rng, 1, 9)
+
+
 def _level1(rng: random.Random) -> _Problem:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return _addition(rng, 10, 99)
+
+
+def _addition(rng: random.Random, lo: int, hi: int) -> _Problem:
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     n, m = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
     expr = f"{a} + {b}"
@@ -279,7 +289,7 @@ def _level4(rng: random.Random) -> _Problem:
 
 
 _GENERATORS: dict[int, Callable[[random.Random], _Problem]] = {
-    1: _level1, 2: _level2, 3: _level3, 4: _level4}
+    0: _level0, 1: _level1, 2: _level2, 3: _level3, 4: _level4}
 
 
 # ----------------------------------------------------------------------------- task
@@ -310,7 +320,7 @@ class ArithmeticTask(Sequence):
     """A deterministic list of arithmetic problems.
 
     Args:
-        level: 1-4, or a sequence of levels (each example then draws its level uniformly).
+        level: 0-4, or a sequence of levels (each example then draws its level uniformly).
         seed: selects the candidate stream; any int (or str) is fine.
         split: ``"train"`` or ``"test"`` (held out, disjoint from train for the same
             ``test_fraction``, whatever the seeds).

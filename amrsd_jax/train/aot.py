@@ -9,7 +9,10 @@ per-device bytes of its arguments, outputs and temporaries; adding what stays re
 device during that phase (optimizer moments, teacher / reference weight copies) gives a
 per-device peak to compare with the HBM budget.
 
-Without the accelerator, the mesh is made of fake CPU devices
+With ``libtpu`` installed (``pip install libtpu``; no TPU needed) and a v5e / v6e budget, the
+programs are compiled by the TPU compiler itself for a compile-only topology of the slice
+(``jax.experimental.topologies``), so the numbers are the TPU's. Otherwise the mesh is made
+of fake CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which must be set before JAX starts):
 :func:`main_dry_run` re-executes itself in a subprocess with that flag when the current
 process has too few devices, so the check runs on a laptop. CPU-compiled memory is an
@@ -19,11 +22,12 @@ process has too few devices, so the check runs on a laptop. CPU-compiled memory 
 Command line (also reachable as ``python run.py train --config X --dry-run``)::
 
     python -m amrsd_jax.train.aot --config configs/tpu_qwen2.5-math-1.5b_gsm8k_v5e-8.yaml \
-        [--hbm-gib 16 | --tpu v5e] [--json out.json] [--no-sampler] [key=value ...]
+        [--hbm-gib 16 | --tpu v5e] [--target auto|cpu|tpu] [--json out.json] [--no-sampler]
+        [key=value ...]
 
 ``key=value`` overrides go to the :class:`~amrsd_jax.train.config.TrainConfig`, except
-``dry_run.hbm_gib=..``, ``dry_run.tpu=..``, ``dry_run.devices=..``, ``dry_run.sampler=..``
-and ``dry_run.json=..``, which set the options above (so ``run.py train --dry-run`` needs no
+``dry_run.hbm_gib=..``, ``dry_run.tpu=..``, ``dry_run.target=auto|cpu|tpu``,
+``dry_run.devices=..``, ``dry_run.sampler=..`` and ``dry_run.json=..``, which set the options (so ``run.py train --dry-run`` needs no
 extra flags). Exit code: 0 fits, 1 does not fit, 2 configuration error.
 """
 
@@ -53,7 +57,12 @@ _CHILD_ENV = "AMRSD_DRY_RUN_CHILD"
 # buffer assignment, hence memory_analysis) unchanged
 _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_llvm_disable_expensive_passes": True}
-_OPTION_KEYS = ("hbm_gib", "tpu", "devices", "sampler", "json")
+_OPTION_KEYS = ("hbm_gib", "tpu", "devices", "sampler", "json", "target")
+# TPU generations whose chips are one JAX device each, so that a compile-only topology of
+# libtpu (no TPU attached) matches the real run: chips -> topology name suffix
+_TPU_TOPOLOGIES = {"v5e": "v5e", "v6e": "v6e"}
+_GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+            256: "16x16"}
 
 ESTIMATE_NOTE = ("memory from XLA's compile of the same sharded programs for {platform} "
                  "devices; on TPU, layouts (tiling/padding), fusion and bf16 handling differ, "
@@ -222,8 +231,7 @@ def hbm_budget(hbm_gib: float | None = None, tpu: str | None = None,
     if hbm_gib is not None:
         return float(hbm_gib), "given"
     if tpu is None:
-        m = re.search(r"(v5e|v5p|v6e|v4)", hint.lower())
-        tpu = m.group(1) if m else None
+        tpu = _generation_in(hint)
         if tpu is None:
             return HBM_GIB[DEFAULT_TPU], f"TPU {DEFAULT_TPU} (default; set --hbm-gib or --tpu)"
         return HBM_GIB[tpu], f"TPU {tpu} (from {Path(hint).name!r})"
@@ -236,7 +244,7 @@ def hbm_budget(hbm_gib: float | None = None, tpu: str | None = None,
 
 # ----------------------------------------------------------------------------- dry run
 def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | None = None,
-            sampler: bool = True, config_name: str = "",
+            sampler: bool = True, config_name: str = "", compile_only: bool = False,
             out: Callable[[str], Any] = print) -> dict:
     """Compile the run's programs from shapes alone and report per-device memory.
 
@@ -247,6 +255,7 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
       hbm_gib / tpu: the per-device memory budget (see :func:`hbm_budget`); ``config_name``
         (the YAML path) is a hint for the TPU generation and is printed.
       sampler: also compile the rollout/reflection sampler (its KV cache).
+      compile_only: ``devices`` are a compile-only TPU topology (:func:`tpu_topology_devices`).
       out: where the report's lines go.
 
     Returns a JSON-able dict: model, mesh, shapes, per-program memory (GiB per device),
@@ -300,8 +309,11 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
     extra_copies = int(method.teacher_weights in ("ema", "frozen")) + \
         int(config.policy.kl_beta > 0)
 
+    kind = ("fake CPU" if platform == "cpu" else
+            f"{devices[0].device_kind} (compile-only topology, libtpu)" if compile_only
+            else devices[0].device_kind)
     mesh_txt = (f"data={mesh_shape[0]} x fsdp={mesh_shape[1]} x tensor={mesh_shape[2]} = "
-                f"{len(devices)} {'fake CPU' if platform == 'cpu' else platform.upper()} devices")
+                f"{len(devices)} {kind} devices")
     passes = ", ".join(sorted(method.passes))
     teacher_txt = (f"; teacher {method.teacher_context} / {method.teacher_weights} weights"
                    if method.teacher_context else "")
@@ -418,6 +430,13 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
     out(f"  HBM budget: {budget:.1f} GiB per device [{budget_source}] -> {verdict}")
     if platform == "cpu":
         out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
+        out("  note: XLA:CPU does not honour rematerialisation (jax.checkpoint / model.remat): "
+            "the CPU temp memory of the update step is the no-remat one, an upper bound; "
+            "install libtpu for the TPU compiler's numbers (--target tpu, v5e / v6e)")
+    else:
+        out(f"  note: compiled by the {devices[0].device_kind} compiler (XLA's memory "
+            "analysis of the real program); runtime overheads (allocator fragmentation, "
+            "collectives' buffers) are not included")
     out(f"  dry run wall time {wall:.1f}s")
 
     return {
@@ -441,11 +460,28 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
         "fits": fits,
         "margin_gib": budget - peak,
         "estimate": platform == "cpu",
+        "device_kind": devices[0].device_kind,
         "wall_s": wall,
     }
 
 
 # ----------------------------------------------------------------------------- devices
+def tpu_topology_devices(tpu: str | None, n: int):
+    """Compile-only devices of a TPU slice with ``n`` chips (``libtpu`` needed, no TPU), or
+    ``None`` when libtpu is missing or ``tpu`` is not a one-device-per-chip generation."""
+    import importlib.util
+
+    if tpu is None or tpu.lower() not in _TPU_TOPOLOGIES or n not in _GRID_2D:
+        return None
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    from jax.experimental import topologies
+
+    name = f"{_TPU_TOPOLOGIES[tpu.lower()]}:{_GRID_2D[n]}"
+    devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    return devices if len(devices) == n else None
+
+
 def _with_device_count(xla_flags: str, n: int) -> str:
     kept = [f for f in xla_flags.split() if not f.startswith(_COUNT_FLAG)]
     return " ".join(kept + [f"{_COUNT_FLAG}={n}"])
@@ -518,9 +554,12 @@ def reexec_command(config_path, overrides: Sequence[str], n: int,
 
 def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float | None = None,
                  tpu: str | None = None, sampler: bool = True, json_path: str | None = None,
-                 out: Callable[[str], Any] = print) -> int:
+                 target: str = "auto", out: Callable[[str], Any] = print) -> int:
     """Entry point of ``run.py train --dry-run``: load the config, get the devices (re-running
     itself with fake CPU devices if this process has too few), :func:`dry_run`, print.
+
+    ``target``: ``tpu`` compiles with libtpu for a compile-only TPU topology (v5e / v6e),
+    ``cpu`` on fake CPU devices, ``auto`` (default) the former when possible.
 
     Returns 0 if the run fits the HBM budget, 1 if not, 2 for a configuration error.
     """
@@ -535,11 +574,23 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
         sampler = (opts["sampler"].lower() not in ("0", "false", "no", "off")
                    if "sampler" in opts else sampler)
         json_path = opts.get("json", json_path)
+        target = opts.get("target", target)
+        if target not in ("auto", "cpu", "tpu"):
+            raise ValueError(f"target must be auto, cpu or tpu, got {target!r}")
         n = needed_devices(config, opts.get("devices"))
         hbm_budget(hbm_gib, tpu)  # validate the TPU name before compiling anything
+        generation = tpu or _generation_in(str(config_path or ""))
+        tpu_devices = tpu_topology_devices(generation, n) if target != "cpu" else None
+        if target == "tpu" and tpu_devices is None:
+            raise ValueError(f"--target tpu needs the libtpu package and a TPU generation among "
+                             f"{sorted(_TPU_TOPOLOGIES)} with a chip count among "
+                             f"{sorted(_GRID_2D)} (got {generation!r}, {n} chips)")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if tpu_devices is not None:
+        return _report(config, tpu_devices, config_path, hbm_gib, tpu, sampler, json_path, out,
+                       compile_only=True)
 
     import jax
     from jax._src import xla_bridge
@@ -556,13 +607,26 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
                   f"{len(devices)}", file=sys.stderr)
             return 2
         argv, env = reexec_command(config_path, list(overrides) + _option_overrides(
-            hbm_gib, tpu, sampler, json_path), n)
+            hbm_gib, tpu, sampler, json_path) + ["dry_run.target=cpu"], n)
         out(f"[dry run] this process has {len(devices)} {devices[0].platform} device(s); "
             f"re-running with {n} fake CPU devices ({_COUNT_FLAG}={n})")
         return subprocess.run(argv, env=env, check=False).returncode
+    return _report(config, devices[:n], config_path, hbm_gib, tpu, sampler, json_path, out)
+
+
+def _generation_in(name: str) -> str | None:
+    m = re.search(r"(v5e|v5p|v6e|v4)", name.lower())
+    return m.group(1) if m else None
+
+
+def _report(config, devices, config_path, hbm_gib, tpu, sampler, json_path, out, *,
+            compile_only: bool = False) -> int:
+    from ..config import ConfigError
+
     try:
-        report = dry_run(config, devices=devices[:n], hbm_gib=hbm_gib, tpu=tpu, sampler=sampler,
-                         config_name=str(config_path or ""), out=out)
+        report = dry_run(config, devices=devices, hbm_gib=hbm_gib, tpu=tpu, sampler=sampler,
+                         config_name=str(config_path or ""), compile_only=compile_only,
+                         out=out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -598,13 +662,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tpu", default=None, choices=sorted(HBM_GIB),
                         help="TPU generation for the budget (default: named in the config's "
                              f"file name, else {DEFAULT_TPU})")
+    parser.add_argument("--target", default="auto", choices=("auto", "cpu", "tpu"),
+                        help="tpu: TPU compiler, compile-only topology (needs libtpu; v5e/v6e); "
+                             "cpu: fake CPU devices; auto: tpu when possible")
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     parser.add_argument("--no-sampler", action="store_true",
                         help="skip compiling the rollout sampler")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     return main_dry_run(args.config, args.overrides, hbm_gib=args.hbm_gib, tpu=args.tpu,
-                        sampler=not args.no_sampler, json_path=args.json)
+                        sampler=not args.no_sampler, json_path=args.json, target=args.target)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class DataConfig:
     """
 
     source: str = "arithmetic"
-    level: tuple[int, ...] = (1,)  # arithmetic difficulty levels (1-4)
+    level: tuple[int, ...] = (0,)  # arithmetic difficulty levels (0-4)
     seed: int = 0  # arithmetic task seed (which problems exist); shuffling uses the run seed
     train_size: int = 2000
     eval_size: int = 64
