@@ -105,7 +105,7 @@ def _add_train(sub):
                    help="YAML training config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. steps=10 rollout.group_size=4 "
-                        "method_config.tau=0.3")
+                        "method_config.amr_sd.tau=0.3")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in <output_dir>/checkpoints")
     p.add_argument("--dry-run", action="store_true",

@@ -56,7 +56,7 @@ def _config(checkpoint_dir, out, method, steps, **extra):
                  "reward.name=test_even_length", f"output_dir={out}",
                  "optimizer.learning_rate=1e-2", "progress=false", "tensorboard=true"]
     if method == "amr_sd":  # a live gate: tiny model, tiny CIG
-        overrides.append("method_config.tau=0.0")
+        overrides.append("method_config.amr_sd.tau=0.0")
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return load_train_config(None, overrides)
 

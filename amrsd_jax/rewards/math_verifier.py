@@ -674,9 +674,34 @@ def safe_reward(fn: RewardFn | str, response: Any, gold: Any, **kw: Any) -> Veri
         return _error_result(_describe(exc))
 
 
-def score_batch(name: RewardFn | str, responses: Iterable[Any], golds: Iterable[Any],
+def _call_bounded(fn: RewardFn, response: Any, gold: Any, wall_timeout_s: float,
+                  kw: dict) -> VerifierResult:
+    """:func:`safe_reward` in a daemon thread, abandoned after ``wall_timeout_s``.
+
+    A reward function that hangs (a network call, a runaway loop that never checks the
+    cooperative deadline) cannot stall training: its row gets reward 0 with a timeout
+    error. The abandoned thread is a daemon, so it never blocks interpreter exit.
+    """
+    import threading
+
+    box: list[VerifierResult] = []
+    worker = threading.Thread(target=lambda: box.append(safe_reward(fn, response, gold, **kw)),
+                              daemon=True, name="amrsd-reward")
+    worker.start()
+    worker.join(wall_timeout_s)
+    if not box:
+        return _timeout_result(wall_timeout_s)
+    return box[0]
+
+
+def score_batch(name: RewardFn | str, responses: Iterable[Any], golds: Iterable[Any], *,
+                wall_timeout_s: float | None = None,
                 **kw: Any) -> tuple[list[VerifierResult], int]:
     """Score ``responses[i]`` against ``golds[i]`` with :func:`safe_reward`.
+
+    ``wall_timeout_s`` additionally bounds each call by wall time (for reward functions
+    that may hang); ``None`` runs the calls inline (the built-in verifiers are bounded by
+    their own cooperative ``timeout_s``).
 
     Returns ``(results, num_errors)``. Raises ``ValueError`` only for an unknown reward name
     or mismatched lengths (caller bugs), never because of a response.
@@ -685,5 +710,9 @@ def score_batch(name: RewardFn | str, responses: Iterable[Any], golds: Iterable[
     responses, golds = list(responses), list(golds)
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
-    results = [safe_reward(fn, r, g, **kw) for r, g in zip(responses, golds)]
+    if wall_timeout_s is None:
+        results = [safe_reward(fn, r, g, **kw) for r, g in zip(responses, golds)]
+    else:
+        results = [_call_bounded(fn, r, g, wall_timeout_s, kw)
+                   for r, g in zip(responses, golds)]
     return results, sum(r.error is not None for r in results)

@@ -132,8 +132,9 @@ class RewardConfig:
     name: str = "math"
     format_weight: float = 0.0  # added format reward weight (0 = off)
     success_threshold: float = 1.0  # "correct" when reward >= this
-    timeout_s: float = 1.0  # per call
-    on_error: str = "zero"  # zero | drop_group: what a failing reward call does
+    timeout_s: float = 1.0  # per call, cooperative (the built-in verifiers check it)
+    wall_timeout_s: float | None = 10.0  # per call, enforced: a hanging reward gets 0
+    on_error: str = "zero"  # zero: that row's reward is 0 | drop_group: its group leaves the step
 
     def __post_init__(self):
         if self.on_error not in ("zero", "drop_group"):
@@ -178,7 +179,9 @@ class TrainConfig:
     """A whole training run."""
 
     method: str = "amr_sd"
-    method_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's own
+    # per-method settings keyed by method name (method_config.amr_sd.tau=0.3); only the
+    # selected method's section is used, every section is validated
+    method_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     steps: int = 60
     seed: int = 0
     output_dir: str = "runs/{method}-seed{seed}"  # {method} and {seed} are filled in
@@ -210,11 +213,10 @@ class TrainConfig:
             raise ValueError(f"output_dir {self.output_dir!r}: only {{method}} and {{seed}} "
                              f"can be filled in ({e})") from None
         if not isinstance(self.method_config, dict):
-            raise ValueError("method_config must be a mapping of the method's own keys")
-        if self.method_config and method.config_type is None:
-            raise ValueError(f"method {self.method!r} takes no method_config, got "
-                             f"{sorted(self.method_config)}")
-        self.method_settings()  # validates the keys now, not at step 1
+            raise ValueError("method_config must map method names to their settings, e.g. "
+                             "method_config: {amr_sd: {tau: 0.3}}")
+        for name in self.method_config:
+            self.method_settings(name)  # validates every section now, not at step 1
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.rollout.batch_size % self.micro_batches:
@@ -236,12 +238,20 @@ class TrainConfig:
         if not 0.0 < self.ema_rate <= 1.0:
             raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
 
-    def method_settings(self):
-        """The method's own config dataclass built from ``method_config`` (or None)."""
-        method = get_method(self.method)
+    def method_settings(self, name: str | None = None):
+        """Method ``name``'s (default: the selected method's) config dataclass built from
+        ``method_config[name]``, or None for a method without settings."""
+        name = name or self.method
+        method = get_method(name)  # unknown name -> error naming the nearest
+        section = self.method_config.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"method_config.{name} must be a mapping of {name}'s settings")
         if method.config_type is None:
+            if section:
+                raise ValueError(f"method {name!r} takes no settings, got "
+                                 f"method_config.{name} = {section}")
             return None
-        return build(method.config_type, self.method_config, prefix="method_config.")
+        return build(method.config_type, section, prefix=f"method_config.{name}.")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -37,9 +37,11 @@ class Verified:
 
 def verify(texts: Sequence[str], golds: Sequence[str], *, reward: str = "math",
            format_weight: float = 0.0, success_threshold: float = 1.0,
-           timeout_s: float = 1.0) -> Verified:
-    """Score every rollout; a failing reward call gives reward 0 and is counted."""
-    results, errors = score_batch(reward, texts, golds, timeout_s=timeout_s)
+           timeout_s: float = 1.0, wall_timeout_s: float | None = None) -> Verified:
+    """Score every rollout; a failing, hanging or garbage-returning reward call gives
+    reward 0 and is counted (``errors``)."""
+    results, errors = score_batch(reward, texts, golds, timeout_s=timeout_s,
+                                  wall_timeout_s=wall_timeout_s)
     rewards = np.array([r.reward for r in results], np.float32)
     if format_weight:
         fmt, fmt_errors = score_batch("format", texts, golds)
@@ -48,6 +50,23 @@ def verify(texts: Sequence[str], golds: Sequence[str], *, reward: str = "math",
             / (1.0 + format_weight)
     correct = np.array([r.reward >= success_threshold and r.error is None for r in results])
     return Verified(results, rewards, correct, errors)
+
+
+def drop_failed_groups(verified: Verified, response_mask: np.ndarray,
+                       group_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``reward.on_error=drop_group``: a group with any failed reward call leaves the step.
+
+    Its rewards become equal (advantage exactly 0) and its response mask 0 (no tokens in
+    the loss or its normaliser). Returns ``(rewards, response_mask, groups_dropped)``.
+    """
+    failed = np.array([r.error is not None for r in verified.results])
+    groups = failed.reshape(-1, group_size).any(axis=1)
+    if not groups.any():
+        return verified.rewards, response_mask, 0
+    rows = np.repeat(groups, group_size)
+    rewards = np.where(rows, 0.0, verified.rewards).astype(np.float32)
+    mask = np.where(rows[:, None], 0, response_mask).astype(response_mask.dtype)
+    return rewards, mask, int(groups.sum())
 
 
 def answer_token_mask(tokenizer, tokens: np.ndarray, lengths: np.ndarray,

@@ -249,11 +249,20 @@ class Trainer:
             verified = rollouts.verify(texts, golds, reward=cfg.reward.name,
                                        format_weight=cfg.reward.format_weight,
                                        success_threshold=cfg.reward.success_threshold,
-                                       timeout_s=cfg.reward.timeout_s)
+                                       timeout_s=cfg.reward.timeout_s,
+                                       wall_timeout_s=cfg.reward.wall_timeout_s)
             self.counters["reward_errors"] += verified.errors
+            rewards, response_mask = verified.rewards, out.mask
+            if cfg.reward.on_error == "drop_group" and verified.errors:
+                rewards, response_mask, dropped = rollouts.drop_failed_groups(
+                    verified, out.mask, G)
+                self.counters["dropped_groups"] = self.counters.get("dropped_groups", 0) \
+                    + dropped
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                 "response_ids": out.tokens, "response_mask": out.mask,
-                 "rewards": verified.rewards, "sampler_logprobs": out.logprobs}
+                 "response_ids": out.tokens, "response_mask": response_mask,
+                 "rewards": rewards, "sampler_logprobs": out.logprobs}
+        # kept for inspection (notebooks, tests): the step's texts and verifier results
+        self.last_rollout = {"examples": examples, "texts": texts, "verified": verified}
         host = {"accuracy": float(verified.correct.mean()),
                 "reward_errors": verified.errors}
 
@@ -280,7 +289,7 @@ class Trainer:
                     self.counters["redactions"] += redactions
                     host.update(reflection_length_mean=float(np.mean(r_out.lengths)),
                                 redactions=redactions)
-                    self.last_reflections = reflections
+                    self.last_rollout["reflections"] = reflections
                 messages = rollouts.teacher_messages(
                     self.method.teacher_context, questions, texts, verified, G,
                     reflections=reflections, solutions=[ex.get("solution") for ex in examples])
@@ -290,7 +299,8 @@ class Trainer:
 
         with timer("score"):
             params = self.state.params
-            lp_old, entropy = self.scorer(params, prompt_ids, prompt_mask, out.tokens, out.mask)
+            lp_old, entropy = self.scorer(params, prompt_ids, prompt_mask, out.tokens,
+                                          response_mask)
             batch["old_logprobs"] = lp_old
             if entropy is not None:
                 batch["entropy"] = entropy
@@ -300,10 +310,10 @@ class Trainer:
             elif teacher is not None:
                 t_params = params if self.teacher_params is None else self.teacher_params
                 batch["teacher_logprobs"], _ = self.scorer(t_params, teacher[0], teacher[1],
-                                                           out.tokens, out.mask)
+                                                           out.tokens, response_mask)
             if self.ref_params is not None:
                 batch["ref_logprobs"], _ = self.scorer(self.ref_params, prompt_ids, prompt_mask,
-                                                       out.tokens, out.mask)
+                                                       out.tokens, response_mask)
             if self.method.passes & {"outcome_gradient", "outcome_perturbation"}:
                 answer = rollouts.answer_token_mask(self.tokenizer, out.tokens, out.lengths,
                                                     verified.results)

@@ -1,0 +1,235 @@
+"""Fault injection: rewards that raise/hang/return garbage, non-finite steps, SIGTERM and
+SIGKILL at random points, long prompts. Tiny random checkpoints; a few minutes in all."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import write_tiny_checkpoint
+
+from amrsd_jax.rewards import VerifierResult, register_reward
+from amrsd_jax.train import rollouts
+from amrsd_jax.train.checkpoint import RunCheckpointer
+from amrsd_jax.train.config import load_train_config
+from amrsd_jax.train.metrics import read_metrics
+from amrsd_jax.train.trainer import Trainer, TrainingStopped
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _even(response, gold, **kw):
+    ok = len(response) % 2 == 0
+    return VerifierResult(float(ok), ok, None, None, "correct" if ok else "wrong value")
+
+
+register_reward("fault_even", overwrite=True)(_even)
+
+
+@register_reward("fault_flaky", overwrite=True)
+def flaky(response, gold, **kw):
+    """Row-dependent faults: raise, hang, NaN, out of range, wrong type, or a real reward."""
+    kind = len(response) % 6
+    if kind == 0:
+        raise RuntimeError("verifier crashed")
+    if kind == 1:
+        time.sleep(3.0)  # hangs past the wall timeout
+    if kind == 2:
+        return float("nan")
+    if kind == 3:
+        return 7.5
+    if kind == 4:
+        return "garbage"
+    return _even(response, gold)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("fault_ckpt")))
+
+
+def _overrides(ckpt, out, steps, method="grpo", reward="fault_even"):
+    return [f"method={method}", f"model.name={ckpt}", f"steps={steps}",
+            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
+            "reflection.max_tokens=6", "data.train_size=16", "data.eval_size=2",
+            "eval.at_start=false", "eval.at_end=false", "checkpoint.every=1",
+            f"reward.name={reward}", f"output_dir={out}", "optimizer.learning_rate=1e-2",
+            "progress=false", "tensorboard=false"]
+
+
+def _config(ckpt, out, steps, *extra, **kw):
+    return load_train_config(None, _overrides(ckpt, out, steps, **kw) + list(extra))
+
+
+# ----------------------------------------------------------------------------- rewards
+def test_faulty_rewards_give_zero_and_are_counted(ckpt, tmp_path):
+    trainer = Trainer(_config(ckpt, tmp_path, 1, "reward.wall_timeout_s=0.5",
+                              reward="fault_flaky"))
+    t0 = time.perf_counter()
+    metrics = trainer.train_step(0)
+    trainer.close()
+    texts = trainer.last_rollout["texts"]
+    expected_errors = sum(len(t) % 6 in (0, 1, 2, 3, 4) for t in texts)
+    assert metrics["reward_errors"] == expected_errors > 0
+    assert trainer.counters["reward_errors"] == expected_errors
+    assert np.isfinite(metrics["loss"]) and metrics["update_skipped"] == 0
+    hangs = sum(len(t) % 6 == 1 for t in texts)
+    assert time.perf_counter() - t0 < 60 + 0.5 * hangs  # hangs are cut at 0.5 s each
+
+
+def test_drop_group_policy():
+    results = [VerifierResult(1.0, True, None, None, ""),
+               VerifierResult(0.0, False, None, None, "", error="boom"),
+               VerifierResult(1.0, True, None, None, ""),
+               VerifierResult(0.0, False, None, None, "")]
+    verified = rollouts.Verified(results, np.array([1, 0, 1, 0], np.float32),
+                                 np.array([True, False, True, False]), 1)
+    mask = np.ones((4, 3), np.int32)
+    rewards, new_mask, dropped = rollouts.drop_failed_groups(verified, mask, 2)
+    assert dropped == 1
+    np.testing.assert_array_equal(rewards, [0, 0, 1, 0])
+    np.testing.assert_array_equal(new_mask.sum(1), [0, 0, 3, 3])
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+def test_consecutive_nonfinite_steps_stop_the_run(ckpt, tmp_path, monkeypatch):
+    real_verify = rollouts.verify
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        out = real_verify(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 2:  # from step 2 on the rewards are NaN -> non-finite gradients
+            out = rollouts.Verified(out.results, np.full_like(out.rewards, np.nan),
+                                    out.correct, out.errors)
+        return out
+
+    monkeypatch.setattr(rollouts, "verify", poisoned)
+    trainer = Trainer(_config(ckpt, tmp_path, 6, "max_consecutive_skips=2"))
+    with pytest.raises(TrainingStopped, match="2 consecutive steps had non-finite"):
+        trainer.run()
+    good = jax.tree.map(np.asarray, trainer.state.params)  # skipped steps leave params alone
+    trainer.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["update_skipped"] for r in records] == [0, 1, 1]
+    # the checkpoints hold finite, last-good parameters; the stopping step wrote none
+    with RunCheckpointer(tmp_path / "checkpoints", read_only=True) as ck:
+        assert ck.all_steps()[-1] == 2
+        from amrsd_jax.train.checkpoint import abstract_like
+
+        restored = ck.restore(2, abstract_train_state=abstract_like(
+            trainer.state, trainer.state_sharding))
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(restored.train_state.params)):
+        assert np.all(np.isfinite(np.asarray(b)))
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- long prompts
+@pytest.mark.parametrize("policy", ["skip", "truncate"])
+def test_long_prompts_skipped_or_truncated_and_counted(ckpt, tmp_path, policy):
+    examples = [{"id": str(i), "question": q, "answer": "1", "solution": None}
+                for i, q in enumerate(["1 + 0?", "word " * 200, "0 + 1?"])]
+    trainer = Trainer(_config(ckpt, tmp_path, 1, "data.max_prompt_tokens=64",
+                              f"data.on_long_prompt={policy}"),
+                      train_examples=examples, eval_examples=[])
+    data = trainer.train_data
+    if policy == "skip":
+        assert data.skipped_long == 1 and [e["id"] for e in data.examples] == ["0", "2"]
+    else:
+        assert data.truncated_long == 1 and len(data.examples) == 3
+        assert max(len(t) for t in data.prompt_tokens) == 64
+        # the generation prompt survives truncation (the last tokens are kept)
+        tail = trainer.tokenizer.decode(data.prompt_tokens[1][-8:].tolist())
+        assert "assistant" in tail
+    assert trainer.counters[f"{'skipped' if policy == 'skip' else 'truncated'}_long_prompts"] == 1
+    trainer.close()
+
+
+# ----------------------------------------------------------------------------- processes
+_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import test_faults  # registers the test rewards
+    from amrsd_jax.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _launch(tmp_path, args):
+    script = tmp_path / "train_script.py"
+    script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(script), "train", *args], cwd=str(ROOT),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for_step(path: Path, step: int, proc, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and any(r["step"] >= step for r in read_metrics(path)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_sigterm_writes_a_final_checkpoint(ckpt, tmp_path):
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, _overrides(ckpt, out, 50) + ["checkpoint.every=100"])
+    _wait_for_step(out / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert "stopped after step" in log
+    last = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    with RunCheckpointer(out / "checkpoints", read_only=True) as ck:
+        assert ck.latest_step() == last < 50
+
+
+def test_sigkill_at_random_points_resumes_identically(ckpt, tmp_path):
+    """Kill -9 during generation, update or an async save; resume; the metrics of every
+    step equal an uninterrupted run's."""
+    steps = 4
+    reference = Trainer(_config(ckpt, tmp_path / "ref", steps))
+    reference.run()
+    reference.close()
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+
+    rng = random.Random(int(os.environ.get("AMRSD_FAULT_SEED", "0")))
+    out = tmp_path / "killed"
+    kills = 0
+    while True:
+        proc = _launch(tmp_path, _overrides(ckpt, out, steps) + ["--resume"])
+        done = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        target = (done[-1]["step"] if done else 0) + 1
+        if kills < 2 and target < steps:
+            _wait_for_step(out / "metrics.jsonl", target, proc)
+            time.sleep(rng.uniform(0.0, 1.5))  # somewhere in the next step or its save
+            proc.kill()
+            proc.communicate()
+            kills += 1
+            continue
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log
+        break
+    assert kills == 2
+    got = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for r in got:
+        want = expected[r["step"]]
+        same = {k: v for k, v in r.items() if not k.startswith("time/")
+                and k != "tokens_per_second"}
+        assert same == {k: want[k] for k in same}, r["step"]
+    with RunCheckpointer(out / "checkpoints", read_only=True) as ck:
+        assert ck.latest_step() == steps
