@@ -160,8 +160,8 @@ def cmd_train(args) -> int:
               f"steps {mean(last):.3f}")
     if summary.get("eval"):
         ev = summary["eval"]
-        print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items()
-                                       if k.startswith("pass@")))
+        print(f"held-out after step {summary.get('eval_step')}: "
+              + ", ".join(f"{k}={v:.3f}" for k, v in ev.items() if k.startswith("pass@")))
     print(f"wall time {time.perf_counter() - t0:.0f}s")
     print(f"metrics:    {summary['metrics_path']} (TensorBoard: "
           f"{summary['output_dir']}/tensorboard)")

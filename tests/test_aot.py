@@ -180,5 +180,9 @@ def test_options_and_reexec_command(tmp_path):
     # configuration errors are exit code 2, before anything is compiled
     assert aot.main_dry_run(None, ["rollout.group_size=1"]) == 2
     assert aot.main_dry_run(None, ["dry_run.tpu=v9"]) == 2
+    assert aot.main_dry_run(None, ["dry_run.target=gpu"]) == 2
+    # compile-only TPU topologies: one JAX device per chip (v5e / v6e) and libtpu installed
+    assert aot.tpu_topology_devices("v4", 16) is None
+    assert aot.main_dry_run(None, ["dry_run.target=tpu", "dry_run.tpu=v4"]) == 2
     with pytest.raises(RuntimeError, match="needs 10000 devices"):
         aot.ensure_fake_devices(10000)

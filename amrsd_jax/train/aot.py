@@ -430,10 +430,11 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
     out(f"  HBM budget: {budget:.1f} GiB per device [{budget_source}] -> {verdict}")
     if platform == "cpu":
         out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
+    if platform == "cpu" and arch.remat:
         out("  note: XLA:CPU does not honour rematerialisation (jax.checkpoint / model.remat): "
             "the CPU temp memory of the update step is the no-remat one, an upper bound; "
             "install libtpu for the TPU compiler's numbers (--target tpu, v5e / v6e)")
-    else:
+    if platform != "cpu":
         out(f"  note: compiled by the {devices[0].device_kind} compiler (XLA's memory "
             "analysis of the real program); runtime overheads (allocator fragmentation, "
             "collectives' buffers) are not included")
@@ -580,7 +581,15 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
         n = needed_devices(config, opts.get("devices"))
         hbm_budget(hbm_gib, tpu)  # validate the TPU name before compiling anything
         generation = tpu or _generation_in(str(config_path or ""))
-        tpu_devices = tpu_topology_devices(generation, n) if target != "cpu" else None
+        tpu_devices = None
+        if target != "cpu":
+            try:
+                tpu_devices = tpu_topology_devices(generation, n)
+            except Exception as e:  # noqa: BLE001 - libtpu present but unusable: say so
+                if target == "tpu":
+                    raise ValueError(f"libtpu could not make a {generation} topology: {e}")
+                out(f"[dry run] libtpu could not make a {generation} topology ({e}); "
+                    "using fake CPU devices")
         if target == "tpu" and tpu_devices is None:
             raise ValueError(f"--target tpu needs the libtpu package and a TPU generation among "
                              f"{sorted(_TPU_TOPOLOGIES)} with a chip count among "

@@ -469,10 +469,10 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {cfg.method}",
                        unit="step", dynamic_ncols=True)
-        last_eval = None
+        last_eval, eval_step = None, None
         try:
             if cfg.eval.at_start and self.start_step == 0:
-                last_eval = self.evaluate(0)
+                last_eval, eval_step = self.evaluate(0), 0
             step = self.start_step
             while step < cfg.steps:
                 metrics = self.train_step(step)
@@ -493,7 +493,7 @@ class Trainer:
                         f"in {self.output_dir / 'checkpoints'} is intact; lower the learning "
                         "rate or check the rewards, then --resume")
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                    last_eval = self.evaluate(step)
+                    last_eval, eval_step = self.evaluate(step), step
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or \
                         self._stop_requested:
                     self.save(step)
@@ -502,7 +502,7 @@ class Trainer:
                     break
             else:
                 if cfg.eval.at_end:
-                    last_eval = self.evaluate(step)
+                    last_eval, eval_step = self.evaluate(step), step
                 if cfg.checkpoint.save_at_end and not (
                         cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self.save(step)
@@ -514,7 +514,8 @@ class Trainer:
             self.metrics.flush()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        return {"history": history, "eval": last_eval, "output_dir": str(self.output_dir),
+        return {"history": history, "eval": last_eval, "eval_step": eval_step,
+                "output_dir": str(self.output_dir),
                 "metrics_path": str(self.metrics.path),
                 "checkpoint_dir": str(self.output_dir / "checkpoints")}
 
