@@ -12,12 +12,12 @@ per-device peak to compare with the HBM budget.
 With ``libtpu`` installed (``pip install libtpu``; no TPU needed) and a v5e / v6e budget, the
 programs are compiled by the TPU compiler itself for a compile-only topology of the slice
 (``jax.experimental.topologies``), so the numbers are the TPU's. Otherwise the mesh is made
-of fake CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which must be set before JAX starts):
-:func:`main_dry_run` re-executes itself in a subprocess with that flag when the current
-process has too few devices, so the check runs on a laptop. CPU-compiled memory is an
-*estimate* of the TPU one: the program and its shardings are the same, but TPU layouts
-(tiling / padding), fusion decisions and bf16 handling differ.
+of fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which must be
+set before JAX starts): :func:`main_dry_run` re-executes itself in a subprocess with that
+flag when the current process has too few devices, so the check runs on a laptop.
+CPU-compiled memory is only an *estimate* of the TPU one: the program and its shardings are
+the same, but TPU layouts (tiling / padding) and fusion differ, XLA:CPU computes bf16 in f32
+and mostly ignores rematerialisation, so with ``model.remat`` it is a loose upper bound.
 
 Command line (also reachable as ``python run.py train --config X --dry-run``)::
 
@@ -27,8 +27,9 @@ Command line (also reachable as ``python run.py train --config X --dry-run``)::
 
 ``key=value`` overrides go to the :class:`~amrsd_jax.train.config.TrainConfig`, except
 ``dry_run.hbm_gib=..``, ``dry_run.tpu=..``, ``dry_run.target=auto|cpu|tpu``,
-``dry_run.devices=..``, ``dry_run.sampler=..`` and ``dry_run.json=..``, which set the options (so ``run.py train --dry-run`` needs no
-extra flags). Exit code: 0 fits, 1 does not fit, 2 configuration error.
+``dry_run.devices=..``, ``dry_run.sampler=..`` and ``dry_run.json=..``, which set the
+options (so ``run.py train --dry-run`` needs no extra flags). Exit code: 0 fits, 1 does not
+fit, 2 configuration error.
 """
 
 from __future__ import annotations
@@ -431,9 +432,10 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
     if platform == "cpu":
         out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
     if platform == "cpu" and arch.remat:
-        out("  note: XLA:CPU does not honour rematerialisation (jax.checkpoint / model.remat): "
-            "the CPU temp memory of the update step is the no-remat one, an upper bound; "
-            "install libtpu for the TPU compiler's numbers (--target tpu, v5e / v6e)")
+        out("  note: XLA:CPU mostly ignores rematerialisation (jax.checkpoint / model.remat) "
+            "and computes bf16 in f32, so the update step's CPU temp memory is a loose upper "
+            "bound, often several times the TPU compiler's; install libtpu for the TPU's own "
+            "numbers (--target tpu; v5e / v6e)")
     if platform != "cpu":
         out(f"  note: compiled by the {devices[0].device_kind} compiler (XLA's memory "
             "analysis of the real program); runtime overheads (allocator fragmentation, "

@@ -2,7 +2,7 @@
 
 Every prompt is rendered with the chat template and tokenised at start-up, so prompts
 over ``data.max_prompt_tokens`` are skipped or truncated (and counted) before any compute
-is spent, and the student prompt width is one bucket for the whole run (one compiled
+is spent, and the student prompt width is fixed for the whole run (one compiled
 rollout and update program).
 """
 
@@ -15,7 +15,6 @@ import numpy as np
 
 from ..data import ArithmeticTask, FieldMap, load_local, render_prompt
 from ..rollout.prompts import encode_chat
-from ..rollout.sampler import bucket_length
 from .config import DataConfig
 
 
@@ -25,7 +24,7 @@ class PreparedData:
 
     examples: list[dict[str, Any]]
     prompt_tokens: list[np.ndarray]  # one int32 row per example, unpadded
-    width: int  # bucketed width every prompt of this split fits
+    width: int  # the width every prompt of this split fits (a multiple of 8)
     skipped_long: int
     truncated_long: int
     skipped_rows: int  # bad rows of the source (missing/empty fields, bad encoding)
@@ -74,8 +73,10 @@ def prepare(tokenizer, examples: Sequence[dict], cfg: DataConfig, *,
     for row, i in enumerate(enc.kept):
         kept.append(dict(examples[i], prompt=messages[i]))
         tokens.append(enc.ids[row][enc.mask[row].astype(bool)])
+    # one width for the whole split (one compiled program), so no bucket is needed: round
+    # up to a multiple of 8 only, instead of wasting up to a third of every row on padding
     longest = max((len(t) for t in tokens), default=1)
-    return PreparedData(kept, tokens, bucket_length(longest), enc.skipped, enc.truncated, 0, [])
+    return PreparedData(kept, tokens, -(-longest // 8) * 8, enc.skipped, enc.truncated, 0, [])
 
 
 def left_padded(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray,
