@@ -152,6 +152,9 @@ def cmd_train(args) -> int:
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     history = summary["history"]
     if history:
         first, last = history[: min(5, len(history))], history[-min(5, len(history)):]

@@ -168,7 +168,10 @@ def _launch(tmp_path, args):
     script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(script), "train", *args], cwd=str(ROOT),
+    empty = tmp_path / "defaults.yaml"  # TrainConfig defaults, like the in-process runs
+    empty.write_text("{}\n")
+    return subprocess.Popen([sys.executable, str(script), "train", "--config", str(empty),
+                             *args], cwd=str(ROOT),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

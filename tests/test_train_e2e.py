@@ -111,6 +111,8 @@ def test_resume_drops_log_lines_after_the_checkpoint(checkpoint_dir, tmp_path):
     run = Trainer(_config(checkpoint_dir, tmp_path, "grpo", 2))
     run.run()
     run.close()
+    with pytest.raises(FileExistsError, match="pass --resume to continue it"):
+        Trainer(_config(checkpoint_dir, tmp_path, "grpo", 3))  # a new run would mix logs
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "kind": "train", "reward_mean": 0.5}) + "\n")
         f.write('{"step": 4, "kind": "tra')  # a line cut by the kill

@@ -182,7 +182,22 @@ def _run_layer(layer, x, cos, sin, mask, cache, cache_index):
     return layer(x, cos, sin, mask, cache, cache_index)
 
 
-_run_layer_remat = nnx.remat(_run_layer)
+def _layer_pure(graphdef, state, x, cos, sin, mask, cache, cache_index):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
+
+
+_layer_checkpointed = jax.checkpoint(_layer_pure, static_argnums=(0,))
+
+
+def _run_layer_remat(layer, x, cos, sin, mask, cache, cache_index):
+    """Per-layer activation checkpointing as a pure function of the layer's state.
+
+    (``nnx.remat`` on the module fails with "Cannot mutate Param from a different trace
+    level" when the model was merged inside an outer trace: the micro-batch scan, the
+    decode loop, ``eval_shape``.)
+    """
+    graphdef, state = nnx.split(layer)
+    return _layer_checkpointed(graphdef, state, x, cos, sin, mask, cache, cache_index)
 
 
 class Decoder(nnx.Module):

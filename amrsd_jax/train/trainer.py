@@ -161,6 +161,8 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if resume:
             self._resume()
+        elif not evaluate_only:
+            self._check_fresh_output_dir()
 
     # ------------------------------------------------------------------ data
     def _prepare(self, split: str, examples) -> PreparedData:
@@ -375,8 +377,9 @@ class Trainer:
     def _resume(self) -> None:
         latest = self.checkpointer.latest_step()
         if latest is None:
+            dropped = self.metrics.truncate_after(-1)  # lines of a run killed before step 1
             self.log(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; "
-                     "starting from step 0")
+                     f"starting from step 0 ({dropped} earlier log lines dropped)")
             return
         restored = self._restore(self.checkpointer, latest)
         saved, now = restored.config, self.config.to_dict()
@@ -391,6 +394,19 @@ class Trainer:
         self.start_step = restored.step
         dropped = self.metrics.truncate_after(restored.step)
         self.log(f"resumed from step {restored.step} ({dropped} later log lines dropped)")
+
+    def _check_fresh_output_dir(self) -> None:
+        """A new run never mixes with an old one: checkpoints there are an error (resume or
+        pick another output_dir); an old metrics file is kept under a new name."""
+        if self.checkpointer is not None and self.checkpointer.all_steps():
+            raise FileExistsError(
+                f"{self.output_dir} already holds checkpoints {self.checkpointer.all_steps()} "
+                "of another run; pass --resume to continue it, or set output_dir=... for a "
+                "new run")
+        if self.is_main and self.metrics.path.exists():
+            kept = self.metrics.path.with_name(f"metrics.{int(time.time())}.jsonl")
+            os.replace(self.metrics.path, kept)
+            self.log(f"an earlier run's metrics were moved to {kept}")
 
     def _restore(self, checkpointer, step: int | None):
         """Load train state (and teacher weights) of ``step`` into this trainer."""
