@@ -7,8 +7,6 @@ import math
 import jax
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from amrsd_jax import evaluation
 from amrsd_jax.data.arithmetic import ArithmeticTask, render_prompt
@@ -17,41 +15,15 @@ from amrsd_jax.rewards import math_verifier
 from amrsd_jax.rollout.prompts import encode_chat
 from amrsd_jax.rollout.sampler import SampleOutput
 
-from conftest import tiny_model
-
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from conftest import tiny_chat_tokenizer, tiny_model
 
 # one shape for every test that runs the real sampler: 4 rows, prompts bucketed to 192
 SETTINGS = EvalSettings(num_samples=2, max_new_tokens=8, batch_size=4, max_prompt_tokens=192)
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A ~300-token byte-level BPE trained in-test (as in test_tokenizer.py), ChatML template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["The quick brown fox jumps over the lazy dog 12 times.",
-              "What is 2+3? It is 5. What is 10+20? It is 30.",
-              "Answer carefully, then verify: 144 = 12 * 12."] * 5
-    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", unk_token="<|endoftext|>",
-                                   pad_token="<|im_end|>", chat_template=CHATML,
-                                   padding_side="left")
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return _tiny_tokenizer()
+    return tiny_chat_tokenizer()
 
 
 @pytest.fixture(scope="module")
