@@ -493,7 +493,8 @@ class Trainer:
             while step < cfg.steps:
                 metrics = self.train_step(step)
                 step += 1
-                metrics.update({k: v for k, v in self.counters.items()})
+                # run totals next to the step's own counts (redactions, reward_errors ...)
+                metrics.update({f"total/{k}": v for k, v in self.counters.items()})
                 record = self.metrics.log(step, metrics)
                 history.append(record)
                 if bar is not None:
