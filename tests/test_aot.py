@@ -3,7 +3,6 @@ dry run of a tiny model on the 8 fake CPU devices (no weights allocated)."""
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import pytest
@@ -83,13 +82,15 @@ def test_tpu_config_data_fields():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_abstract_batch_has_the_trainers_keys(method):
-    from amrsd_jax.train.trainer import Trainer
-
     cfg = load_train_config(None, [f"method={method}", "policy.kl_beta=0.01",
                                    "data.max_prompt_tokens=100", "rollout.max_new_tokens=40"])
-    fake = SimpleNamespace(method=get_method(method), config=cfg)
-    assert aot.batch_keys(cfg) == Trainer._batch_keys(fake)
     batch = aot.abstract_batch(cfg)
+    passes = get_method(method).passes
+    assert ("teacher_logprobs" in batch) == (method in ("amr_sd", "rlsd"))
+    assert ("teacher_prompt_ids" in batch) == (method == "sdpo")
+    assert ("entropy" in batch) == ("entropy" in passes)
+    assert ("importance" in batch) == (method in ("oar_g", "oar_p"))
+    assert "ref_logprobs" in batch and "old_logprobs" in batch
     b = cfg.rollout.batch_size
     assert batch["prompt_ids"].shape == (b, 128)  # bucketed prompt width
     assert batch["response_mask"].shape == (b, 40)  # the sampler returns max_new_tokens columns

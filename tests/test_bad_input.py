@@ -59,18 +59,19 @@ def test_yaml_tags_are_not_executed(tmp_path):
         load_train_config(bad)
 
 
-@pytest.mark.parametrize("mesh,devices,message", [
+@pytest.mark.parametrize("mesh,devices,expected", [
     (dict(data=4, fsdp=4), 8, r"needs 16 devices but 8 are available"),
     (dict(fsdp=3), 8, r"fsdp=3 x tensor=1 does not divide the 8 devices"),
-    (dict(data=8), 8, None),
-    (dict(data=-1, fsdp=2, tensor=2), 8, None),
+    (dict(data=8), 8, (8, 1, 1)),
+    (dict(data=-1, fsdp=2, tensor=2), 8, (2, 2, 2)),
 ])
-def test_mesh_shape_against_device_count(mesh, devices, message):
+def test_mesh_shape_against_device_count(mesh, devices, expected):
     cfg = load_train_config(ROOT / "configs" / "quickstart.yaml",
                             [f"mesh.{k}={v}" for k, v in mesh.items()])
-    if message is None:
-        assert check_mesh(cfg, devices)[0] * check_mesh(cfg, devices)[1] >= 1
+    if isinstance(expected, tuple):
+        assert check_mesh(cfg, devices) == expected
     else:
+        message = expected
         with pytest.raises(ConfigError, match=message):
             check_mesh(cfg, devices)
 

@@ -85,6 +85,22 @@ def test_faulty_rewards_give_zero_and_are_counted(ckpt, tmp_path):
     assert time.perf_counter() - t0 < 60 + 0.5 * hangs  # hangs are cut at 0.5 s each
 
 
+def test_hanging_reward_is_cut_at_the_wall_timeout():
+    from amrsd_jax.rewards import score_batch
+
+    def hangs_on_b(response, gold, **kw):
+        if response == "b":
+            time.sleep(3.0)
+        return 1.0
+
+    t0 = time.perf_counter()
+    results, errors = score_batch(hangs_on_b, ["a", "b", "c"], ["1", "1", "1"],
+                                  wall_timeout_s=0.2)
+    assert time.perf_counter() - t0 < 1.5
+    assert errors == 1 and "timeout" in results[1].error and results[1].reward == 0.0
+    assert [r.reward for r in (results[0], results[2])] == [1.0, 1.0]
+
+
 def test_drop_group_policy():
     results = [VerifierResult(1.0, True, None, None, ""),
                VerifierResult(0.0, False, None, None, "", error="boom"),

@@ -121,7 +121,7 @@ def test_resume_drops_log_lines_after_the_checkpoint(checkpoint_dir, tmp_path):
     resumed.close()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[2]["reward_mean"] != 0.5 or "grad_norm" in records[2]
+    assert "grad_norm" in records[2]  # the re-run step 3, not the killed run's line
 
 
 def test_eval_and_summary(checkpoint_dir, tmp_path):

@@ -1,6 +1,5 @@
 """The jitted update step: micro-batching, sharding, skipping, compile-once, method registry."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

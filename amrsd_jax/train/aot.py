@@ -134,31 +134,13 @@ def run_shapes(config) -> RunShapes:
                      teacher, name, sp, sn)
 
 
-def batch_keys(config) -> list[str]:
-    """The update-step batch keys of a run (as ``Trainer._batch_keys``)."""
-    from ..credit.registry import get_method
-
-    method = get_method(config.method)
-    keys = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards",
-            "sampler_logprobs", "old_logprobs"]
-    if "entropy" in method.passes:
-        keys.append("entropy")
-    if method.distillation:
-        keys += ["teacher_prompt_ids", "teacher_prompt_mask", "teacher_valid"]
-    elif method.teacher_context is not None:
-        keys.append("teacher_logprobs")
-    if config.policy.kl_beta > 0:
-        keys.append("ref_logprobs")
-    if method.passes & {"outcome_gradient", "outcome_perturbation"}:
-        keys.append("importance")
-    return keys
-
-
 def abstract_batch(config, mesh=None) -> dict:
     """``ShapeDtypeStruct``s of the update step's batch (sharded over the batch axes when
     ``mesh`` is given): int32 ids and masks, float32 rewards and per-token arrays."""
     import jax
     import jax.numpy as jnp
+
+    from .config import update_batch_keys
 
     s = run_shapes(config)
     b, p, n, pt = s.rows, s.prompt, s.response, s.teacher_prompt
@@ -168,7 +150,7 @@ def abstract_batch(config, mesh=None) -> dict:
               "teacher_prompt_mask": ((b, pt or p), jnp.int32),
               "teacher_valid": ((b,), jnp.int32)}
     out = {k: jax.ShapeDtypeStruct(*shapes.get(k, ((b, n), jnp.float32)))
-           for k in batch_keys(config)}
+           for k in update_batch_keys(config)}
     if mesh is not None:
         from ..update import batch_spec
 

@@ -281,6 +281,25 @@ def check_mesh(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
     return data, m.fsdp, m.tensor
 
 
+def update_batch_keys(config: TrainConfig) -> list[str]:
+    """The update-step batch keys a run feeds (fixed for the run): what the method's
+    scoring passes produce, plus the reference log-probs when ``policy.kl_beta > 0``."""
+    method = get_method(config.method)
+    keys = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards",
+            "sampler_logprobs", "old_logprobs"]
+    if "entropy" in method.passes:
+        keys.append("entropy")
+    if method.distillation:
+        keys += ["teacher_prompt_ids", "teacher_prompt_mask", "teacher_valid"]
+    elif method.teacher_context is not None:
+        keys.append("teacher_logprobs")
+    if config.policy.kl_beta > 0:
+        keys.append("ref_logprobs")
+    if method.passes & {"outcome_gradient", "outcome_perturbation"}:
+        keys.append("importance")
+    return keys
+
+
 def load_train_config(path=None, overrides=()) -> TrainConfig:
     from ..config import load_config
 

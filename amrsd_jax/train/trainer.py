@@ -37,7 +37,7 @@ from ..sharding import make_mesh
 from ..update import (StepConfig, ema_update, init_train_state, make_optimizer,
                       make_update_step)
 from . import rollouts
-from .config import TrainConfig, check_mesh
+from .config import TrainConfig, check_mesh, update_batch_keys
 from .data import PreparedData, left_padded, load_examples, prepare
 from .metrics import MetricsLogger, PhaseTimer
 
@@ -436,27 +436,10 @@ class Trainer:
         self.start_step = restored.step
         return restored.step
 
-    def _batch_keys(self) -> list[str]:
-        """The update-step batch keys this run feeds (fixed for the whole run)."""
-        keys = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards",
-                "sampler_logprobs", "old_logprobs"]
-        passes = self.method.passes
-        if "entropy" in passes:
-            keys.append("entropy")
-        if self.method.distillation:
-            keys += ["teacher_prompt_ids", "teacher_prompt_mask", "teacher_valid"]
-        elif self.method.teacher_context is not None:
-            keys.append("teacher_logprobs")
-        if self.config.policy.kl_beta > 0:
-            keys.append("ref_logprobs")
-        if passes & {"outcome_gradient", "outcome_perturbation"}:
-            keys.append("importance")
-        return keys
-
     def _placeholder_batch(self) -> dict:
         B = self.config.rollout.batch_size
         return {k: np.zeros((B,) if k in ("rewards", "teacher_valid") else (B, 1), np.float32)
-                for k in self._batch_keys()}
+                for k in update_batch_keys(self.config)}
 
     def _global(self, batch: dict) -> dict:
         """Per-process rows -> global arrays (multi-host); single-process: unchanged."""
