@@ -56,6 +56,23 @@ def _add_bench(sub):
     s.add_argument("--out", default="bench_results/step.json")
     s.set_defaults(func=lambda a: __import__("amrsd_jax.bench.step",
                                              fromlist=["main"]).main(a))
+    c = bsub.add_parser("compare", help="every method on the same task, budget and seeds, "
+                                        "plus AMR-SD's tau sweep and ablations (JSON, PNG, "
+                                        "table)")
+    c.add_argument("--config", default="configs/compare_cpu.yaml",
+                   help="training config shared by every run")
+    c.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides applied to every run, e.g. steps=20")
+    c.add_argument("--variants", default="main",
+                   help="main (grpo amr_sd rlsd sdpo hapo oar_g), ablations (AMR-SD tau sweep, "
+                        "no_reflection, symmetric, no_anneal), all, or a comma list")
+    c.add_argument("--seeds", default="0,1,2")
+    c.add_argument("--out", default="bench_results/compare",
+                   help="runs go to <out>/runs/; finished runs are reused")
+    c.add_argument("--report-only", action="store_true",
+                   help="only rebuild compare.json/.md/.png from the finished runs")
+    c.set_defaults(func=lambda a: __import__("amrsd_jax.bench.compare",
+                                             fromlist=["main"]).main(a))
 
 
 DEFAULT_PROMPTS = (

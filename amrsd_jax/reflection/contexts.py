@@ -25,6 +25,12 @@ def amr_sd_teacher_prompt(question: str, reflection: str, correct: bool) -> str:
     return f"{question.strip()}\n\n{label}\n{reflection.strip()}"
 
 
+def raw_peer_teacher_prompt(question: str, peer_solution: str) -> str:
+    """AMR-SD ablation "no reflection": the teacher sees a verifier-approved peer rollout
+    verbatim where the self-written reflection would be."""
+    return f"{question.strip()}\n\nA correct solution:\n{peer_solution.strip()}"
+
+
 def rlsd_teacher_prompt(question: str, reference_solution: str) -> str:
     """RLSD: the raw reference solution before the request to solve in one's own way."""
     return (f"{question.strip()}\n\nHere is a reference solution:\n{reference_solution.strip()}"

@@ -123,6 +123,19 @@ class ReflectionConfig:
     leak_guard: bool = True
     max_prompt_tokens: int = 640  # the reflection request (question, attempt, peer); truncated
     max_teacher_prompt_tokens: int = 384  # question + reflection; truncated on the left
+    # self: the policy writes the hint/critique (AMR-SD) | raw_peer: ablation, the teacher
+    # sees a verifier-approved peer rollout verbatim instead (rows without one get no signal)
+    source: str = "self"
+    # Reflect on and teacher-score only the rows whose update the gate can change: groups
+    # with unequal rewards (an all-equal group has A_i = 0, so Ahat = 0 whatever D is), and
+    # nothing once the gate is annealed to 0. Exact: the loss is unchanged; skipped rows
+    # carry CIG 0 in the logged quantiles.
+    skip_uninformative: bool = True
+
+    def __post_init__(self):
+        if self.source not in ("self", "raw_peer"):
+            raise ValueError(f"reflection.source must be 'self' or 'raw_peer', got "
+                             f"{self.source!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,6 +92,14 @@ def answer_token_mask(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
     return out
 
 
+def group_peer(index: int, texts: Sequence[str], verified: Verified,
+                group_size: int) -> str | None:
+    """The first verifier-approved rollout of row ``index``'s group other than itself."""
+    g0 = index - index % group_size
+    return select_peer(index - g0, texts[g0:g0 + group_size],
+                       verified.correct[g0:g0 + group_size].tolist())
+
+
 def reflection_messages(questions: Sequence[str], texts: Sequence[str], verified: Verified,
                         group_size: int, *, use_peer: bool = True,
                         reference_solutions: Sequence[str | None] | None = None) -> list[str]:
@@ -99,11 +107,7 @@ def reflection_messages(questions: Sequence[str], texts: Sequence[str], verified
     privileged inputs of SPEC.md; the peer is another verifier-approved rollout of the group."""
     out = []
     for i, (question, text) in enumerate(zip(questions, texts)):
-        g0 = i - i % group_size
-        peer = None
-        if use_peer:
-            peer = select_peer(i - g0, texts[g0:g0 + group_size],
-                               verified.correct[g0:g0 + group_size].tolist())
+        peer = group_peer(i, texts, verified, group_size) if use_peer else None
         res = verified.results[i]
         out.append(reflection_prompt(ReflectionInputs(
             question=question, rollout=text, correct=bool(verified.correct[i]),
@@ -141,9 +145,7 @@ def teacher_messages(context: str, questions: Sequence[str], texts: Sequence[str
     if context == "reprompt":
         out = []
         for i, q in enumerate(questions):
-            g0 = i - i % group_size
-            peer = select_peer(i - g0, texts[g0:g0 + group_size],
-                               verified.correct[g0:g0 + group_size].tolist())
+            peer = group_peer(i, texts, verified, group_size)
             feedback = None if verified.correct[i] else (verified.results[i].feedback or None)
             out.append(sdpo_teacher_prompt(q, peer, feedback))
         return out

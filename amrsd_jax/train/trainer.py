@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ from flax import nnx
 
 from ..credit.registry import get_method
 from ..data import PromptStream
+from ..reflection.contexts import raw_peer_teacher_prompt
 from ..rollout.prompts import encode_chat
 from ..rollout.sampler import SamplingConfig, generate
 from ..scoring import make_scorer, outcome_importance
@@ -139,6 +141,9 @@ class Trainer:
                                   with_entropy="entropy" in self.method.passes)
         self._ema = jax.jit(lambda t, p: ema_update(t, p, cfg.ema_rate), donate_argnums=(0,))
         self.run_key = jax.random.key(cfg.seed)
+        # row-subset batches (AMR-SD reflections) come in multiples of this
+        self._row_quantum = math.lcm(cfg.rollout.group_size,
+                                     self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.counters = {"skipped_long_prompts": self.train_data.skipped_long,
                          "truncated_long_prompts": self.train_data.truncated_long,
                          "reward_errors": 0, "redactions": 0, "consecutive_skips": 0,
@@ -228,6 +233,80 @@ class Trainer:
             self.counters.get("truncated_teacher_prompts", 0) + enc.truncated
         return ids, mask, valid
 
+    def _gate_active(self) -> bool:
+        """Whether AMR-SD's gate can be non-zero at the coming optimizer step (not yet
+        annealed away, lam or gam > 0)."""
+        settings = self.step_config.method_config
+        if settings is None or not self.config.reflection.skip_uninformative:
+            return True
+        if settings.lam == 0 and settings.gam == 0:
+            return False
+        return settings.decay_steps is None or int(self.state.step) < settings.decay_steps
+
+    def _reflection_teacher(self, questions, texts, verified, rewards, golds, examples, key,
+                            host):
+        """AMR-SD's teacher prompts for the rows that need one.
+
+        Returns ``((ids, mask, valid), rows)``: left-padded teacher prompts for ``rows``
+        (padded up to a bucket of rows, see :func:`_bucket_rows`) and the row indices they
+        belong to. With ``reflection.skip_uninformative`` only rows of groups with unequal
+        rewards are reflected on, and none once the gate is annealed to 0.
+        """
+        cfg, G = self.config, self.config.rollout.group_size
+        B = len(texts)
+        if cfg.reflection.skip_uninformative:
+            grouped = np.asarray(rewards, np.float32).reshape(-1, G)
+            mixed = np.repeat(grouped.max(1) > grouped.min(1), G)
+            rows = np.flatnonzero(mixed) if self._gate_active() else np.zeros(0, np.int64)
+        else:
+            rows = np.arange(B)
+        if cfg.reflection.source == "raw_peer":  # ablation: no reflection, the peer verbatim
+            peers = {int(i): rollouts.group_peer(int(i), texts, verified, G) for i in rows}
+            rows = np.array([i for i in rows if peers[int(i)] is not None], np.int64)
+            messages = [raw_peer_teacher_prompt(questions[i], peers[int(i)])
+                        for i in rows]
+        else:
+            messages = []
+            if len(rows):
+                padded = _bucket_rows(rows, self._row_quantum, B)
+                requests = rollouts.reflection_messages(
+                    questions, texts, verified, G, use_peer=cfg.reflection.use_peer,
+                    reference_solutions=[ex.get("solution") for ex in examples]
+                    if cfg.reflection.use_reference_solution else None)
+                enc = encode_chat(self.tokenizer, [requests[i] for i in padded],
+                                  max_tokens=cfg.reflection.max_prompt_tokens,
+                                  system_prompt=cfg.model.system_prompt, on_long="truncate")
+                r_out = self._sample(enc.ids, enc.mask, key,
+                                     max_new_tokens=cfg.reflection.max_tokens,
+                                     temperature=cfg.reflection.temperature,
+                                     top_p=cfg.reflection.top_p)
+                n = len(rows)
+                raw = rollouts.decode_responses(self.tokenizer, r_out.tokens[:n],
+                                                r_out.lengths[:n])
+                reflections, redactions = rollouts.guard_reflections(
+                    raw, [golds[i] for i in rows], cfg.reflection.leak_guard)
+                self.counters["redactions"] += redactions
+                host.update(reflection_length_mean=float(np.mean(r_out.lengths[:n])),
+                            redactions=redactions)
+                messages = rollouts.teacher_messages(
+                    "reflection", [questions[i] for i in rows], None,
+                    _Subset(verified, rows), G, reflections=reflections)
+                full = [None] * B
+                for i, r in zip(rows, reflections):
+                    full[i] = r
+                self.last_rollout["reflections"] = full
+        host["reflected_frac"] = len(rows) / B
+        if not len(rows):
+            return None, rows
+        padded = _bucket_rows(rows, self._row_quantum, B)
+        messages = messages + [messages[0]] * (len(padded) - len(rows))
+        enc = encode_chat(self.tokenizer, messages,
+                          max_tokens=cfg.reflection.max_teacher_prompt_tokens,
+                          system_prompt=cfg.model.system_prompt, on_long="truncate")
+        self.counters["truncated_teacher_prompts"] = \
+            self.counters.get("truncated_teacher_prompts", 0) + enc.truncated
+        return (enc.ids, enc.mask, np.ones(len(padded), bool)), rows
+
     def train_step(self, step: int) -> dict[str, Any]:
         """Run iteration ``step`` (0-based) and return its metrics."""
         cfg = self.config
@@ -269,32 +348,16 @@ class Trainer:
                 "reward_errors": verified.errors}
 
         questions = [ex["prompt"] for ex in examples]
-        teacher = None
-        if self.method.teacher_context is not None:
+        teacher = teacher_rows = None
+        if self.method.teacher_context == "reflection":
             with timer("reflect"):
-                reflections = None
-                if self.method.teacher_context == "reflection":
-                    requests = rollouts.reflection_messages(
-                        questions, texts, verified, G, use_peer=cfg.reflection.use_peer,
-                        reference_solutions=[ex.get("solution") for ex in examples]
-                        if cfg.reflection.use_reference_solution else None)
-                    enc = encode_chat(self.tokenizer, requests,
-                                      max_tokens=cfg.reflection.max_prompt_tokens,
-                                      system_prompt=cfg.model.system_prompt, on_long="truncate")
-                    r_out = self._sample(enc.ids, enc.mask, k_reflect,
-                                         max_new_tokens=cfg.reflection.max_tokens,
-                                         temperature=cfg.reflection.temperature,
-                                         top_p=cfg.reflection.top_p)
-                    raw = rollouts.decode_responses(self.tokenizer, r_out.tokens, r_out.lengths)
-                    reflections, redactions = rollouts.guard_reflections(
-                        raw, golds, cfg.reflection.leak_guard)
-                    self.counters["redactions"] += redactions
-                    host.update(reflection_length_mean=float(np.mean(r_out.lengths)),
-                                redactions=redactions)
-                    self.last_rollout["reflections"] = reflections
+                teacher, teacher_rows = self._reflection_teacher(
+                    questions, texts, verified, rewards, golds, examples, k_reflect, host)
+        elif self.method.teacher_context is not None:
+            with timer("reflect"):
                 messages = rollouts.teacher_messages(
                     self.method.teacher_context, questions, texts, verified, G,
-                    reflections=reflections, solutions=[ex.get("solution") for ex in examples])
+                    solutions=[ex.get("solution") for ex in examples])
                 t_ids, t_mask, t_valid = self._teacher_tokens(messages, prompt_ids, prompt_mask)
                 teacher = (t_ids, t_mask, t_valid)
                 host["teacher_valid_frac"] = float(t_valid.mean())
@@ -311,8 +374,17 @@ class Trainer:
                              teacher_valid=teacher[2].astype(np.int32))
             elif teacher is not None:
                 t_params = params if self.teacher_params is None else self.teacher_params
-                batch["teacher_logprobs"], _ = self.scorer(t_params, teacher[0], teacher[1],
-                                                           out.tokens, response_mask)
+                if teacher_rows is None:
+                    batch["teacher_logprobs"], _ = self.scorer(t_params, teacher[0], teacher[1],
+                                                               out.tokens, response_mask)
+                else:  # only the reflected rows; the rest keep lp_T = lp_old (CIG 0)
+                    lp_t = _to_host(lp_old).copy()
+                    if len(teacher_rows):
+                        rows = _bucket_rows(teacher_rows, self._row_quantum, len(texts))
+                        scored, _ = self.scorer(t_params, teacher[0], teacher[1],
+                                                out.tokens[rows], response_mask[rows])
+                        lp_t[teacher_rows] = _to_host(scored)[:len(teacher_rows)]
+                    batch["teacher_logprobs"] = lp_t
             if self.ref_params is not None:
                 batch["ref_logprobs"], _ = self.scorer(self.ref_params, prompt_ids, prompt_mask,
                                                        out.tokens, response_mask)
@@ -523,6 +595,28 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.metrics.close()
+
+
+class _Subset:
+    """The ``correct`` flags of some rows of a :class:`~.rollouts.Verified` (what
+    ``teacher_messages('reflection', ...)`` reads)."""
+
+    def __init__(self, verified, rows):
+        self.correct = np.asarray(verified.correct)[rows]
+
+
+def _bucket_rows(rows: np.ndarray, quantum: int, limit: int) -> np.ndarray:
+    """``rows`` padded (repeating its first entry) to ``min(quantum * 2**k, limit)``
+    entries, so the reflection sampler and the teacher scorer compile for a few batch sizes
+    only. ``quantum`` divides ``limit`` (the step's rows) and is a multiple of the mesh's
+    batch axes, so every bucket shards evenly."""
+    n = max(len(rows), 1)
+    size = quantum
+    while size < n:
+        size *= 2
+    size = max(min(size, limit), n)
+    return np.concatenate([rows, np.full(size - len(rows), rows[0] if len(rows) else 0,
+                                         rows.dtype if len(rows) else np.int64)])
 
 
 def _main_thread() -> bool:

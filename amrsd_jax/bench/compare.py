@@ -1,0 +1,274 @@
+"""``python run.py bench compare``: every credit-assignment method on the same task, budget
+and seeds, plus AMR-SD's tau sweep and ablations.
+
+Each (variant, seed) is one ordinary training run (:func:`amrsd_jax.train.trainer.train`)
+of the ``--config`` (default ``configs/compare_cpu.yaml``) with the variant's overrides,
+written to ``<out>/runs/<variant>-seed<seed>/``. A run whose ``done.json`` exists is reused,
+so an interrupted comparison continues where it stopped and ``--report-only`` rebuilds the
+report from whatever has finished.
+
+Variants (the issue's comparison and the ablations of the paper's Table 3 kind):
+
+- ``grpo amr_sd rlsd sdpo hapo oar_g``: each method with its SPEC.md defaults;
+- ``amr_sd/tau=<v>``: the dead-zone threshold sweep (0.5 is the default, so ``amr_sd``);
+- ``amr_sd/no_reflection``: the teacher sees a verified peer rollout verbatim instead of a
+  self-written hint or critique (``reflection.source=raw_peer``);
+- ``amr_sd/symmetric``: ``gam = lam`` (the 2:1 asymmetry removed);
+- ``amr_sd/no_anneal``: ``decay_steps=null`` (the gate stays on for the whole run).
+
+The step-0 held-out evaluation depends only on the seed (same initial weights, same
+evaluation key), so it runs once per seed and is shared by that seed's variants.
+
+Outputs: ``<out>/compare.json`` (settings, per-run curves, per-variant summaries),
+``<out>/compare.png`` (train reward and held-out pass@1 against step, mean and min-max band
+over seeds) and the table printed as Markdown (also ``<out>/compare.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MAIN = ("grpo", "amr_sd", "rlsd", "sdpo", "hapo", "oar_g")
+ABLATIONS = ("amr_sd/tau=0.25", "amr_sd/tau=1.0", "amr_sd/no_reflection",
+             "amr_sd/symmetric", "amr_sd/no_anneal")
+#: variant -> (method, overrides); ``{lam}`` is replaced by the config's AMR-SD lam
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{m: (m, ()) for m in MAIN},
+    "oar_p": ("oar_p", ()),
+    "amr_sd/tau=0.25": ("amr_sd", ("method_config.amr_sd.tau=0.25",)),
+    "amr_sd/tau=1.0": ("amr_sd", ("method_config.amr_sd.tau=1.0",)),
+    "amr_sd/no_reflection": ("amr_sd", ("reflection.source=raw_peer",)),
+    "amr_sd/symmetric": ("amr_sd", ("method_config.amr_sd.gam={lam}",)),
+    "amr_sd/no_anneal": ("amr_sd", ("method_config.amr_sd.decay_steps=null",)),
+}
+PASS1 = "pass@1_sampled"
+
+
+def expand_variants(spec: str) -> list[str]:
+    """``main``, ``ablations``, ``all`` or a comma list of variant names."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        names = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS}.get(part)
+        if names is None:
+            if part not in VARIANTS:
+                raise SystemExit(f"unknown variant {part!r}; choose from main, ablations, all "
+                                 f"or {sorted(VARIANTS)}")
+            names = (part,)
+        out += [n for n in names if n not in out]
+    return out
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / f"{variant.replace('/', '-')}-seed{seed}"
+
+
+def variant_config(config_path: str, variant: str, seed: int, out: Path,
+                   overrides: list[str], at_start: bool):
+    from ..train.config import load_train_config
+
+    method, extra = VARIANTS[variant]
+    base = load_train_config(config_path, overrides)
+    lam = base.method_settings("amr_sd").lam
+    return load_train_config(config_path, [
+        *overrides, f"method={method}", f"seed={seed}",
+        f"output_dir={run_dir(out, variant, seed)}", f"eval.at_start={str(at_start).lower()}",
+        *(e.format(lam=lam) for e in extra)])
+
+
+def run_one(config_path: str, variant: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    """Train one (variant, seed) unless it already finished; returns its ``done.json``."""
+    from ..train.trainer import train
+
+    directory = run_dir(out, variant, seed)
+    done = directory / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if directory.exists():  # an interrupted run: start it again from scratch
+        shutil.rmtree(directory)
+    initial = out / f"initial_eval-seed{seed}.json"
+    config = variant_config(config_path, variant, seed, out, overrides,
+                            at_start=not initial.exists())
+    t0 = time.perf_counter()
+    summary = train(config)
+    record = {"variant": variant, "method": config.method, "seed": seed,
+              "wall_s": time.perf_counter() - t0, "config": config.to_dict()}
+    if not initial.exists():
+        from ..train.metrics import read_metrics
+
+        step0 = [r for r in read_metrics(directory / "metrics.jsonl", "eval") if r["step"] == 0]
+        initial.write_text(json.dumps(step0[0]))
+    done.write_text(json.dumps(record))
+    del summary
+    return record
+
+
+# ---------------------------------------------------------------- aggregation
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def load_runs(out: Path, variants: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """Finished runs' curves: ``{variant: {seed: {"train": [...], "eval": [...]}}}``."""
+    from ..train.metrics import read_metrics
+
+    runs: dict[str, dict[int, dict]] = {}
+    for variant in variants:
+        for seed in seeds:
+            directory = run_dir(out, variant, seed)
+            if not (directory / "done.json").exists():
+                continue
+            evals = read_metrics(directory / "metrics.jsonl", "eval")
+            initial = out / f"initial_eval-seed{seed}.json"
+            if initial.exists() and not any(r["step"] == 0 for r in evals):
+                evals = [json.loads(initial.read_text())] + evals
+            done = json.loads((directory / "done.json").read_text())
+            rollout = done["config"]["rollout"]
+            runs.setdefault(variant, {})[seed] = {
+                "train": read_metrics(directory / "metrics.jsonl", "train"), "eval": evals,
+                "wall_s": done["wall_s"],
+                "batch": rollout["prompts_per_step"] * rollout["group_size"]}
+    return runs
+
+
+def summarize(per_seed: dict[int, dict]) -> dict[str, Any]:
+    """One variant's table row from its seeds' curves."""
+    final = [r["eval"][-1][PASS1] for r in per_seed.values() if r["eval"]]
+    greedy = [r["eval"][-1]["pass@1_greedy"] for r in per_seed.values() if r["eval"]]
+    best = [max(e[PASS1] for e in r["eval"]) for r in per_seed.values() if r["eval"]]
+    initial = [r["eval"][0][PASS1] for r in per_seed.values() if r["eval"]]
+    last_reward = [statistics.fmean(t["reward_mean"] for t in r["train"][-3:])
+                   for r in per_seed.values()]
+    step_times = [t["time/step"] for r in per_seed.values() for t in r["train"]]
+    row: dict[str, Any] = {"seeds": sorted(per_seed)}
+    for name, values in (("final_pass@1", final), ("final_pass@1_greedy", greedy),
+                         ("best_pass@1", best), ("initial_pass@1", initial),
+                         ("last3_train_reward", last_reward)):
+        row[name + "_mean"], row[name + "_std"] = _mean_std(values)
+    row["step_time_median_s"] = statistics.median(step_times) if step_times else math.nan
+    trains = [t for r in per_seed.values() for t in r["train"]]
+    for key in ("gated_frac", "gated_frac_correct", "gated_frac_incorrect", "reflected_frac",
+                "reflection_length_mean", "ihat_q05", "ihat_q95"):
+        values = [t[key] for t in trains if key in t]
+        if values:
+            row[key + "_mean"] = statistics.fmean(values)
+    if any("redactions" in t for t in trains):
+        row["redactions"] = sum(t.get("redactions", 0) for t in trains)
+        row["reflections"] = round(sum(t.get("reflected_frac", 0.0) * r["batch"]
+                                       for r in per_seed.values() for t in r["train"]))
+    return row
+
+
+def _fmt(row: dict, key: str) -> str:
+    m, s = row.get(key + "_mean", math.nan), row.get(key + "_std", math.nan)
+    return "-" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def markdown_table(summary: dict[str, dict]) -> str:
+    head = ("| variant | seeds | held-out pass@1 final | greedy final | best pass@1 | "
+            "pass@1 at step 0 | train reward (last 3) | median step (s) | gated frac | "
+            "redactions |")
+    lines = [head, "|" + "|".join([" --- "] * (head.count("|") - 1)) + "|"]
+    for variant, row in summary.items():
+        gated = row.get("gated_frac_mean")
+        redactions = (f"{row['redactions']} of {row['reflections']}" if "redactions" in row
+                      else "-")
+        lines.append(
+            f"| {variant} | {len(row['seeds'])} | {_fmt(row, 'final_pass@1')} | "
+            f"{_fmt(row, 'final_pass@1_greedy')} | {_fmt(row, 'best_pass@1')} | "
+            f"{_fmt(row, 'initial_pass@1')} | {_fmt(row, 'last3_train_reward')} | "
+            f"{row['step_time_median_s']:.1f} | "
+            f"{'-' if gated is None else f'{gated:.3f}'} | {redactions} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, dict[int, dict]], path: Path, groups: dict[str, list[str]]) -> None:
+    """Train reward and held-out pass@1 against step: seed mean, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = {k: [v for v in vs if v in runs] for k, vs in groups.items()}
+    groups = {k: vs for k, vs in groups.items() if vs}
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    for row, (title, variants) in enumerate(groups.items()):
+        for variant in variants:
+            per_seed = list(runs[variant].values())
+            for col, (kind, key) in enumerate((("train", "reward_mean"), ("eval", PASS1))):
+                steps = [r["step"] for r in per_seed[0][kind]]
+                curves = np.array([[r[key] for r in s[kind]] for s in per_seed
+                                   if [r["step"] for r in s[kind]] == steps])
+                if not len(curves):
+                    continue
+                ax = axes[row, col]
+                line, = ax.plot(steps, curves.mean(0), marker="o" if kind == "eval" else None,
+                                label=f"{variant} (n={len(curves)})")
+                if len(curves) > 1:
+                    ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.15,
+                                    color=line.get_color())
+        axes[row, 0].set(title=f"{title}: train reward per step", xlabel="step",
+                         ylabel="mean reward")
+        axes[row, 1].set(title=f"{title}: held-out {PASS1}", xlabel="step", ylabel=PASS1)
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: Path, variants: list[str], seeds: list[int], settings: dict) -> dict:
+    runs = load_runs(out, variants, seeds)
+    summary = {v: summarize(runs[v]) for v in variants if v in runs}
+    missing = [f"{v} seed {s}" for v in variants for s in seeds
+               if s not in runs.get(v, {})]
+    result = {"settings": settings, "summary": summary, "missing": missing,
+              "runs": {v: {str(s): r for s, r in per.items()} for v, per in runs.items()}}
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    table = markdown_table(summary)
+    (out / "compare.md").write_text(table + "\n")
+    if runs:
+        plot(runs, out / "compare.png",
+             {"methods": [v for v in variants if v in MAIN or v == "oar_p"],
+              "AMR-SD sweep and ablations": ["amr_sd", *[v for v in variants
+                                                          if v.startswith("amr_sd/")]]})
+    print(table)
+    if missing:
+        print(f"\nnot finished: {', '.join(missing)}")
+    print(f"\nwrote {out / 'compare.json'}, {out / 'compare.md'}"
+          + (f", {out / 'compare.png'}" if runs else ""))
+    return result
+
+
+def main(args) -> int:
+    import jax
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = expand_variants(args.variants)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = {"config": args.config, "overrides": list(args.overrides),
+                "variants": variants, "seeds": seeds,
+                "command": "python run.py bench compare " + " ".join(sys.argv[3:])}
+    if not args.report_only:
+        # every run builds fresh jitted closures; the persistent cache shares their programs
+        jax.config.update("jax_compilation_cache_dir", str(out / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        order = [(v, s) for s in seeds for v in variants]  # seed-major: early seeds finish
+        for n, (variant, seed) in enumerate(order, 1):
+            print(f"[{n}/{len(order)}] {variant} seed {seed}", file=sys.stderr, flush=True)
+            run_one(args.config, variant, seed, out, list(args.overrides))
+            report(out, variants, seeds, settings)
+    report(out, variants, seeds, settings)
+    return 0
