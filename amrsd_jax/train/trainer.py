@@ -254,6 +254,7 @@ class Trainer:
         """
         cfg, G = self.config, self.config.rollout.group_size
         B = len(texts)
+        self.last_rollout["reflections"] = [None] * B  # None: not reflected on
         if cfg.reflection.skip_uninformative:
             grouped = np.asarray(rewards, np.float32).reshape(-1, G)
             mixed = np.repeat(grouped.max(1) > grouped.min(1), G)
@@ -393,6 +394,8 @@ class Trainer:
                                                     verified.results)
                 batch["importance"] = self._importance(batch, answer, k_oar)
             jax.block_until_ready(batch["old_logprobs"])
+        # the update step's inputs (old/teacher log-probs, rewards ...), for inspection
+        self.last_rollout["batch"] = batch
 
         with timer("update"):
             args = (self.teacher_params,) if self.method.distillation else ()
