@@ -73,6 +73,17 @@ def _add_bench(sub):
                    help="only rebuild compare.json/.md/.png from the finished runs")
     c.set_defaults(func=lambda a: __import__("amrsd_jax.bench.compare",
                                              fromlist=["main"]).main(a))
+    o = bsub.add_parser("overhead", help="full AMR-SD step (reflection included) vs GRPO "
+                                         "step, interleaved in one process, with its levers")
+    o.add_argument("--config", default="configs/compare_cpu.yaml")
+    o.add_argument("overrides", nargs="*", metavar="key=value")
+    o.add_argument("--steps", type=int, default=6, help="steps per variant, interleaved")
+    o.add_argument("--warmup", type=int, default=1, help="first steps left out (compilation)")
+    o.add_argument("--short-tokens", type=int, default=32,
+                   help="reflection length of the short-reflection lever")
+    o.add_argument("--out", default="bench_results/overhead.json")
+    o.set_defaults(func=lambda a: __import__("amrsd_jax.bench.overhead",
+                                             fromlist=["main"]).main(a))
 
 
 DEFAULT_PROMPTS = (

@@ -78,3 +78,19 @@ def write_tiny_checkpoint(directory, model_type="llama", seed=0, **overrides):
                        pad_token_id=eos, bos_token_id=tok.bos_token_id, **overrides)
     save_checkpoint(model, directory, tokenizer=tok)
     return directory
+
+
+def _register_test_rewards():
+    from amrsd_jax.rewards import VerifierResult, register_reward
+
+    @register_reward("test_even_length", overwrite=True)
+    def even_length(response, gold, **kw):
+        """Mixed outcomes from a random model, with an answer span so OAR has something to
+        do (``reward.name=test_even_length`` in trainer tests)."""
+        ok = len(response) % 2 == 0
+        span = (0, min(3, len(response))) if response else None
+        return VerifierResult(float(ok), ok, response[:3] or None, span,
+                              "correct" if ok else "wrong value")
+
+
+_register_test_rewards()

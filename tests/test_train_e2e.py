@@ -8,22 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_tiny_checkpoint
+from conftest import write_tiny_checkpoint  # also registers reward test_even_length
 
 from amrsd_jax.credit.registry import METHODS
-from amrsd_jax.rewards import VerifierResult, register_reward
 from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.metrics import read_metrics
 from amrsd_jax.train.trainer import Trainer
 
-
-@register_reward("test_even_length", overwrite=True)
-def even_length(response, gold, **kw):
-    """Mixed outcomes from a random model, with an answer span so OAR has something to do."""
-    ok = len(response) % 2 == 0
-    span = (0, min(3, len(response))) if response else None
-    return VerifierResult(float(ok), ok, response[:3] or None, span,
-                          "correct" if ok else "wrong value")
 
 
 @pytest.fixture(scope="module", autouse=True)

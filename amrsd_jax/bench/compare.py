@@ -155,11 +155,12 @@ def summarize(per_seed: dict[int, dict]) -> dict[str, Any]:
         row[name + "_mean"], row[name + "_std"] = _mean_std(values)
     row["step_time_median_s"] = statistics.median(step_times) if step_times else math.nan
     trains = [t for r in per_seed.values() for t in r["train"]]
-    for key in ("gated_frac", "gated_frac_correct", "gated_frac_incorrect", "reflected_frac",
-                "reflection_length_mean", "ihat_q05", "ihat_q95"):
+    for key in ("amr_sd/gated_frac", "amr_sd/gated_frac_correct",
+                "amr_sd/gated_frac_incorrect", "amr_sd/ihat_q05", "amr_sd/ihat_q95",
+                "reflected_frac", "reflection_length_mean"):
         values = [t[key] for t in trains if key in t]
         if values:
-            row[key + "_mean"] = statistics.fmean(values)
+            row[key.removeprefix("amr_sd/") + "_mean"] = statistics.fmean(values)
     if any("redactions" in t for t in trains):
         row["redactions"] = sum(t.get("redactions", 0) for t in trains)
         row["reflections"] = round(sum(t.get("reflected_frac", 0.0) * r["batch"]

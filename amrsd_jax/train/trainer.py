@@ -373,7 +373,7 @@ class Trainer:
             if self.method.distillation:
                 batch.update(teacher_prompt_ids=teacher[0], teacher_prompt_mask=teacher[1],
                              teacher_valid=teacher[2].astype(np.int32))
-            elif teacher is not None:
+            elif teacher is not None or teacher_rows is not None:
                 t_params = params if self.teacher_params is None else self.teacher_params
                 if teacher_rows is None:
                     batch["teacher_logprobs"], _ = self.scorer(t_params, teacher[0], teacher[1],

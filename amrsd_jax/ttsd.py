@@ -1,0 +1,400 @@
+"""Test-time self-distillation (TTSD, SPEC.md "Test-time self-distillation").
+
+For one hard question with a binary verifier::
+
+    for round r = 0 .. max_rounds - 1:
+        sample k attempts (key fold_in(key, r))
+        if any attempt is correct: stop              (attempts-to-first-success recorded)
+        else: one SDPO update step on this question, every attempt distilled toward the
+              teacher = the same model re-prompted with that attempt's verifier feedback
+
+With every attempt failed the GRPO advantages are all 0, so the step is driven by SDPO's
+distillation loss (``distill_weight = 1`` by default) toward the feedback-conditioned
+teacher. The pieces are the library's own: the jitted sampler, the verifier
+(:func:`amrsd_jax.train.rollouts.verify`), the SDPO reprompt
+(:func:`amrsd_jax.train.rollouts.teacher_messages` / ``sdpo_teacher_prompt`` with no peer
+solution), the old-policy scorer and the one jitted update step
+(:func:`amrsd_jax.update.make_update_step` with ``method="sdpo"``), with the batch laid out
+exactly as :meth:`amrsd_jax.train.trainer.Trainer.train_step` lays it out. The teacher
+weights follow SDPO (EMA of the policy, rate 0.05, updated after every finite step).
+
+``update=False`` in :class:`TTSDSettings` is the best-of-k baseline: the same rounds with
+the same sampling keys, no updates (round 0 of both is therefore the same sample).
+
+Attempts are counted in sampling order: the first success at index ``j`` of round ``r``
+is attempt ``r * k + j + 1``; a question without a success is censored at
+``max_rounds * k`` attempts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .losses.policy import PolicyLossConfig
+from .losses.sdpo import SDPOConfig
+
+FEEDBACK_MODES = ("own", "round")
+TEACHER_WEIGHTS = ("ema", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTSDSettings:
+    """Budget, sampling, verifier and the SDPO step of one TTSD run.
+
+    Attributes:
+      k: attempts per round (the SDPO group).
+      max_rounds: rounds before giving up (budget ``k * max_rounds`` attempts).
+      update: ``False`` = best-of-k baseline (same rounds and keys, no SDPO steps).
+      learning_rate / max_grad_norm / weight_decay: AdamW of the step (fresh per question).
+      steps_per_round: SDPO steps on each failed round's batch (SPEC: 1).
+      ema_rate / teacher_weights: SDPO's EMA teacher (``frozen`` = the initial model).
+      feedback: ``own`` (SDPO: each attempt's teacher sees that attempt's feedback) or
+        ``round`` (each teacher sees the distinct feedback of all ``k`` attempts).
+      reward: a registered reward name or a callable ``(response, gold, **kw) ->
+        VerifierResult | float``; success is ``reward >= success_threshold`` (no error).
+      prompt_suffix is not applied here: ``question`` is the full user message.
+    """
+
+    k: int = 8
+    max_rounds: int = 6
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    update: bool = True
+    learning_rate: float = 1e-5
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    steps_per_round: int = 1
+    ema_rate: float = 0.05
+    teacher_weights: str = "ema"
+    feedback: str = "own"
+    sdpo: SDPOConfig = SDPOConfig()
+    policy: PolicyLossConfig = PolicyLossConfig()
+    reward: str | Callable[..., Any] = "math"
+    success_threshold: float = 1.0
+    reward_timeout_s: float = 1.0
+    max_prompt_tokens: int = 256
+    max_teacher_prompt_tokens: int = 384
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"k={self.k}: an SDPO group needs at least 2 attempts")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if self.steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be >= 1, got {self.steps_per_round}")
+        if self.feedback not in FEEDBACK_MODES:
+            raise ValueError(f"feedback must be one of {FEEDBACK_MODES}, got {self.feedback!r}")
+        if self.teacher_weights not in TEACHER_WEIGHTS:
+            raise ValueError(f"teacher_weights must be one of {TEACHER_WEIGHTS}, got "
+                             f"{self.teacher_weights!r}")
+        if not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+
+    @property
+    def budget(self) -> int:
+        return self.k * self.max_rounds
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["sdpo"] = dataclasses.asdict(self.sdpo)
+        out["policy"] = dataclasses.asdict(self.policy)
+        if callable(self.reward):
+            out["reward"] = getattr(self.reward, "__name__", repr(self.reward))
+        return out
+
+
+@dataclasses.dataclass
+class TTSDRound:
+    """One round: ``k`` attempts, their verifier outcome and the update (if any)."""
+
+    round: int
+    rewards: list[float]
+    correct: list[bool]
+    responses: list[str]
+    feedback: list[str | None]  # what each attempt's teacher was shown (None: no signal)
+    updated: bool = False
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    time_s: float = 0.0
+
+
+@dataclasses.dataclass
+class TTSDRecord:
+    """The outcome of one question."""
+
+    question: str
+    answer: str
+    method: str  # "ttsd" | "best_of_k"
+    k: int
+    max_rounds: int
+    rounds: list[TTSDRound]
+    success_round: int | None  # 0-based round of the first success
+    attempts_to_success: int | None  # 1-based index of the first successful attempt
+    updates: int  # SDPO steps taken (skipped non-finite steps excluded)
+    time_s: float = 0.0
+
+    @property
+    def solved(self) -> bool:
+        return self.success_round is not None
+
+    @property
+    def attempts_used(self) -> int:
+        return self.attempts_to_success if self.solved else self.k * len(self.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(solved=self.solved, attempts_used=self.attempts_used,
+                   budget=self.k * self.max_rounds)
+        return out
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def round_feedback(results, mode: str) -> list[str | None]:
+    """The feedback text each failed attempt's teacher sees (``None``: no signal).
+
+    ``own``: the attempt's own verifier feedback (SDPO). ``round``: the distinct feedback
+    texts of every attempt of the round, one per line, for each attempt.
+    """
+    own = [(r.feedback or None) for r in results]
+    if mode == "own":
+        return own
+    distinct = list(dict.fromkeys(f for f in own if f))
+    joined = "\n".join(f"- {f}" for f in distinct) or None
+    return [joined] * len(own)
+
+
+class TTSD:
+    """The compiled pieces of TTSD for one model (built once, reused across questions).
+
+    ``run(question, answer, key)`` resets the policy, optimizer and teacher to the weights
+    the model had when this object was built, runs the loop and (by default) restores them.
+    """
+
+    def __init__(self, model, tokenizer, settings: TTSDSettings = TTSDSettings(), *,
+                 mesh=None):
+        from .sharding import shard_model, single_device_mesh
+        from .scoring import make_scorer
+        from .train.config import TrainConfig, update_batch_keys
+        from .update import (OptimizerConfig, StepConfig, ema_update, make_optimizer,
+                             make_update_step)
+
+        self.settings = s = settings
+        self.mesh = mesh if mesh is not None else single_device_mesh()
+        self.model = shard_model(model, self.mesh)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stop_ids = sorted({*model.config.eos_token_ids,
+                                *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
+                                  else [])})
+        self.initial_params = _copy(nnx.state(self.model, nnx.Param))
+        self.optimizer = make_optimizer(OptimizerConfig(
+            learning_rate=s.learning_rate, max_grad_norm=s.max_grad_norm,
+            weight_decay=s.weight_decay))
+        self.step_config = StepConfig(method="sdpo", group_size=s.k, policy=s.policy,
+                                      method_config=s.sdpo)
+        # the trainer's SDPO batch keys (shardings depend only on each key's rank)
+        self.batch_keys = update_batch_keys(TrainConfig(method="sdpo", policy=s.policy))
+        placeholder = {key: np.zeros((s.k,) if key in ("rewards", "teacher_valid")
+                                     else (s.k, 1), np.float32) for key in self.batch_keys}
+        self._step_fn = self._state_sharding = None
+        if s.update:
+            self._step_fn, self._state_sharding = make_update_step(
+                self.model, self.optimizer, self.step_config, self.mesh, placeholder)
+            self.scorer = make_scorer(self.model, self.mesh)
+            rate = s.ema_rate
+            self._ema = jax.jit(lambda t, p: ema_update(t, p, rate), donate_argnums=(0,))
+        self.state = self.teacher_params = None
+
+    # ------------------------------------------------------------------ weights
+    def reset(self) -> None:
+        """Policy (and teacher) back to the initial weights, fresh optimizer state."""
+        from .update import TrainState
+
+        params = _copy(self.initial_params)
+        nnx.update(self.model, params)
+        if not self.settings.update:
+            self.state = None
+            return
+        state = TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
+        self.state = jax.device_put(state, self._state_sharding)
+        nnx.update(self.model, self.state.params)
+        self.teacher_params = _copy(self.initial_params)
+
+    def restore(self) -> None:
+        """Put the initial weights back into the model (the adapted state is dropped)."""
+        nnx.update(self.model, _copy(self.initial_params))
+        self.state = self.teacher_params = None
+
+    # ------------------------------------------------------------------ pieces
+    def encode(self, messages: list[str], max_tokens: int):
+        from .rollout.prompts import encode_chat
+
+        return encode_chat(self.tokenizer, messages, max_tokens=max_tokens,
+                           system_prompt=self.settings.system_prompt, on_long="truncate")
+
+    def sample(self, prompt_ids, prompt_mask, key):
+        from .rollout.sampler import SamplingConfig, generate
+
+        s = self.settings
+        out = generate(self.model, prompt_ids, prompt_mask, key,
+                       SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                      top_p=s.top_p, top_k=s.top_k),
+                       stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
+        return jax.tree.map(np.asarray, out)
+
+    def teacher_tokens(self, messages: list[str | None], fallback_ids, fallback_mask):
+        """Left-padded teacher prompts; rows without a context reuse the student prompt
+        and are marked invalid (as ``Trainer._teacher_tokens``)."""
+        from .train.data import left_padded
+
+        valid = np.array([m is not None for m in messages])
+        if not valid.any():
+            return fallback_ids, fallback_mask, valid
+        enc = self.encode([m if m is not None else "" for m in messages],
+                          self.settings.max_teacher_prompt_tokens)
+        width = max(enc.ids.shape[1], fallback_ids.shape[1])
+        ids, mask = left_padded([enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
+                                 else fallback_ids[i][fallback_mask[i].astype(bool)]
+                                 for i in range(len(messages))], width, self.pad_id)
+        return ids, mask, valid
+
+    def sdpo_step(self, batch: dict) -> dict[str, float]:
+        """``steps_per_round`` SDPO steps on one round's batch; returns the last metrics."""
+        metrics: dict[str, float] = {}
+        for _ in range(self.settings.steps_per_round):
+            self.state, device_metrics = self._step_fn(self.state, batch, self.teacher_params)
+            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            nnx.update(self.model, self.state.params)
+            if self.settings.teacher_weights == "ema" and not metrics["update_skipped"]:
+                self.teacher_params = self._ema(self.teacher_params, self.state.params)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, question: str, answer: str, key: jax.Array, *, restore: bool = True,
+            on_round: Callable[[TTSDRound], None] | None = None) -> TTSDRecord:
+        """TTSD (or best-of-k with ``settings.update=False``) on one question.
+
+        ``question`` is the user message (e.g. the arithmetic question plus its
+        "Give the final answer after 'Answer:'." suffix); ``answer`` the gold answer.
+        ``key`` seeds the sampling of round ``r`` as ``fold_in(key, r)``.
+        """
+        from .reflection.contexts import sdpo_teacher_prompt
+        from .train import rollouts
+
+        s = self.settings
+        t_start = time.perf_counter()
+        self.reset()
+        enc = self.encode([question], s.max_prompt_tokens)
+        prompt_ids = np.repeat(enc.ids, s.k, axis=0)
+        prompt_mask = np.repeat(enc.mask, s.k, axis=0)
+        golds = [str(answer)] * s.k
+        rounds: list[TTSDRound] = []
+        success_round = attempts = None
+        updates = 0
+        try:
+            for r in range(s.max_rounds):
+                t0 = time.perf_counter()
+                out = self.sample(prompt_ids, prompt_mask, jax.random.fold_in(key, r))
+                texts = rollouts.decode_responses(self.tokenizer, out.tokens, out.lengths)
+                verified = rollouts.verify(texts, golds, reward=s.reward,
+                                           success_threshold=s.success_threshold,
+                                           timeout_s=s.reward_timeout_s)
+                correct = [bool(c) for c in verified.correct]
+                rec = TTSDRound(r, [float(x) for x in verified.rewards], correct, texts,
+                                [None] * s.k)
+                rounds.append(rec)
+                if any(correct):
+                    success_round, attempts = r, r * s.k + correct.index(True) + 1
+                elif s.update and r + 1 < s.max_rounds:  # no step after the last round
+                    rec.feedback = round_feedback(verified.results, s.feedback)
+                    messages = [sdpo_teacher_prompt(question, None, f) for f in rec.feedback]
+                    t_ids, t_mask, t_valid = self.teacher_tokens(messages, prompt_ids,
+                                                                 prompt_mask)
+                    rec.feedback = [f if v else None for f, v in zip(rec.feedback, t_valid)]
+                    if t_valid.any():
+                        lp_old, _ = self.scorer(self.state.params, prompt_ids, prompt_mask,
+                                                out.tokens, out.mask)
+                        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                                 "response_ids": out.tokens, "response_mask": out.mask,
+                                 "rewards": verified.rewards,
+                                 "sampler_logprobs": out.logprobs, "old_logprobs": lp_old,
+                                 "teacher_prompt_ids": t_ids, "teacher_prompt_mask": t_mask,
+                                 "teacher_valid": t_valid.astype(np.int32)}
+                        assert sorted(batch) == sorted(self.batch_keys), sorted(batch)
+                        rec.metrics = self.sdpo_step(batch)
+                        rec.metrics["teacher_valid_frac"] = float(t_valid.mean())
+                        rec.updated = not rec.metrics["update_skipped"]
+                        updates += int(rec.updated)
+                rec.time_s = time.perf_counter() - t0
+                if on_round is not None:
+                    on_round(rec)
+                if success_round is not None:
+                    break
+        finally:
+            if restore:
+                self.restore()
+        return TTSDRecord(question, str(answer), "ttsd" if s.update else "best_of_k", s.k,
+                          s.max_rounds, rounds, success_round, attempts, updates,
+                          time.perf_counter() - t_start)
+
+
+def run_ttsd(model, tokenizer, question: str, answer: str,
+             settings: TTSDSettings = TTSDSettings(), key: jax.Array | int = 0, *,
+             restore: bool = True, mesh=None,
+             on_round: Callable[[TTSDRound], None] | None = None) -> TTSDRecord:
+    """TTSD on one question (see the module docstring); ``settings.update=False`` gives
+    the best-of-k baseline. With ``restore=False`` the model keeps the adapted weights.
+
+    Builds (and compiles) a :class:`TTSD`; to run many questions on one model, build a
+    :class:`TTSD` once and call its ``run``.
+    """
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    return TTSD(model, tokenizer, settings, mesh=mesh).run(question, answer, key,
+                                                           restore=restore, on_round=on_round)
+
+
+def summarize(records: list[TTSDRecord] | list[dict]) -> dict[str, Any]:
+    """Solved fraction within the budget and attempts-to-first-success statistics.
+
+    Unsolved questions are right-censored at the budget: ``median_attempts`` is the median
+    with censored questions counted at the budget; it is exact when more than half of the
+    questions are solved, otherwise only a lower bound and reported as the string
+    ``">=<value> (censored)"``. ``mean_attempts_censored`` is the mean with censored
+    questions at the budget (a lower bound of the true mean), ``mean_attempts_solved`` the
+    mean over the solved ones.
+    """
+    rows = [r.to_dict() if isinstance(r, TTSDRecord) else r for r in records]
+    if not rows:
+        return {"questions": 0}
+    budget = rows[0]["budget"]
+    solved = [r for r in rows if r["solved"]]
+    used = [r["attempts_to_success"] if r["solved"] else budget for r in rows]
+    n = len(rows)
+    median: float | str = float(np.median(used))
+    if 2 * len(solved) <= n:
+        median = f">={median:g} (censored)"
+    return {
+        "questions": n,
+        "budget": budget,
+        "solved": len(solved),
+        "solved_frac": len(solved) / n,
+        "median_attempts": median,
+        "mean_attempts_censored": float(np.mean(used)),
+        "mean_attempts_solved": float(np.mean([r["attempts_to_success"] for r in solved]))
+        if solved else None,
+        "updates_mean": float(np.mean([r["updates"] for r in rows])),
+        "time_s_mean": float(np.mean([r["time_s"] for r in rows])),
+    }

@@ -1,0 +1,179 @@
+"""AMR-SD's reflection levers in the trainer, and the comparison / overhead benchmarks run
+end to end on a tiny random model."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import write_tiny_checkpoint  # also registers reward test_even_length
+
+from amrsd_jax.bench import compare
+from amrsd_jax.cli import build_parser
+from amrsd_jax.train.config import load_train_config
+from amrsd_jax.train.trainer import Trainer, _bucket_rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt")))
+
+
+TINY = ["rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=6",
+        "reflection.max_tokens=5", "data.train_size=16", "data.eval_size=3",
+        "eval.num_samples=2", "eval.max_new_tokens=4", "eval.batch_size=8",
+        "checkpoint.every=0", "checkpoint.save_at_end=false", "reward.name=test_even_length",
+        "optimizer.learning_rate=1e-2", "progress=false", "tensorboard=false",
+        "method_config.amr_sd.tau=0.0"]
+
+
+def _trainer(checkpoint_dir, out, *extra):
+    config = load_train_config(None, [*TINY, f"model.name={checkpoint_dir}",
+                                      f"output_dir={out}", "method=amr_sd", *extra])
+    return Trainer(config, log=lambda m: None)
+
+
+def test_bucket_rows_sizes():
+    for n in range(1, 17):
+        rows = np.arange(n) * 3
+        padded = _bucket_rows(rows, 4, 16)
+        assert len(padded) % 4 == 0 and n <= len(padded) <= 16
+        assert len(padded) in (4, 8, 16)
+        np.testing.assert_array_equal(padded[:n], rows)
+        assert set(padded[n:]) <= {rows[0]}
+    assert len(_bucket_rows(np.arange(5), 4, 12)) == 8
+    assert len(_bucket_rows(np.arange(9), 4, 12)) == 12  # capped at the step's rows
+
+
+def test_only_mixed_groups_are_reflected_and_scored(checkpoint_dir, tmp_path):
+    """Rows of all-equal groups get no reflection and lp_T = lp_old (their advantage is 0,
+    so the gate cannot change the update); rows of mixed groups get both."""
+    trainer = _trainer(checkpoint_dir, tmp_path / "skip")
+    seen_mixed = seen_equal = False
+    for step in range(3):
+        metrics = trainer.train_step(step)
+        last = trainer.last_rollout
+        rewards = np.asarray(last["batch"]["rewards"]).reshape(-1, 2)
+        mixed = np.repeat(rewards.max(1) > rewards.min(1), 2)
+        reflected = np.array([r is not None for r in last["reflections"]])
+        np.testing.assert_array_equal(reflected, mixed)
+        assert metrics["reflected_frac"] == pytest.approx(mixed.mean())
+        lp_t = np.asarray(last["batch"]["teacher_logprobs"])
+        lp_old = np.asarray(last["batch"]["old_logprobs"])
+        np.testing.assert_array_equal(lp_t[~mixed], lp_old[~mixed])
+        mask = np.asarray(last["batch"]["response_mask"]).astype(bool)
+        if mixed.any():  # a different context changes the scores of reflected rows
+            assert np.abs(lp_t - lp_old)[mixed & mask.any(1)].max() > 0
+        seen_mixed |= mixed.any()
+        seen_equal |= (~mixed).any()
+    trainer.close()
+    assert seen_mixed and seen_equal  # both branches exercised
+
+
+def test_all_rows_when_the_lever_is_off_and_none_once_annealed(checkpoint_dir, tmp_path):
+    trainer = _trainer(checkpoint_dir, tmp_path / "all", "reflection.skip_uninformative=false")
+    metrics = trainer.train_step(0)
+    assert metrics["reflected_frac"] == 1.0
+    assert all(r is not None for r in trainer.last_rollout["reflections"])
+    trainer.close()
+    # T_decay = 1: from optimizer step 1 on the gate is exactly 0, so nothing is reflected
+    trainer = _trainer(checkpoint_dir, tmp_path / "annealed",
+                       "method_config.amr_sd.decay_steps=1")
+    trainer.train_step(0)
+    metrics = trainer.train_step(1)
+    assert metrics["reflected_frac"] == 0.0 and "reflection_length_mean" not in metrics
+    batch = trainer.last_rollout["batch"]
+    np.testing.assert_array_equal(np.asarray(batch["teacher_logprobs"]),
+                                  np.asarray(batch["old_logprobs"]))
+    trainer.close()
+
+
+def test_raw_peer_ablation_uses_the_peer_verbatim(checkpoint_dir, tmp_path):
+    trainer = _trainer(checkpoint_dir, tmp_path / "peer", "reflection.source=raw_peer",
+                       "reflection.skip_uninformative=false")
+    seen = False
+    for step in range(3):
+        metrics = trainer.train_step(step)
+        correct = np.asarray(trainer.last_rollout["verified"].correct).reshape(-1, 2)
+        # with G=2, a row has a peer exactly when the other rollout of its group is correct
+        has_peer = correct[:, ::-1].reshape(-1)
+        assert metrics["reflected_frac"] == pytest.approx(has_peer.mean())
+        assert "reflection_length_mean" not in metrics  # no reflection is generated
+        seen |= has_peer.any()
+    trainer.close()
+    assert seen
+
+
+def _args(argv):
+    return build_parser().parse_args(argv)
+
+
+def test_compare_runs_reports_and_reuses(checkpoint_dir, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    argv = ["bench", "compare", "--config", "", "--variants", "grpo,amr_sd/symmetric",
+            "--seeds", "0,1", "--out", str(out), *TINY, f"model.name={checkpoint_dir}",
+            "steps=2", "eval.every=1"]
+    assert compare.main(_args(argv)) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert set(result["summary"]) == {"grpo", "amr_sd/symmetric"} and not result["missing"]
+    for variant, row in result["summary"].items():
+        assert row["seeds"] == [0, 1]
+        assert 0.0 <= row["final_pass@1_mean"] <= 1.0
+        for seed in ("0", "1"):
+            run = result["runs"][variant][seed]
+            assert [r["step"] for r in run["train"]] == [1, 2]
+            assert [r["step"] for r in run["eval"]] == [0, 1, 2]
+    # step 0 is evaluated once per seed (its first variant) and shared
+    cfg = json.loads((out / "runs" / "amr_sd-symmetric-seed0" / "done.json").read_text())
+    assert cfg["config"]["eval"]["at_start"] is False
+    assert cfg["config"]["method_config"]["amr_sd"]["gam"] == 0.2  # gam = lam
+    for seed in ("0", "1"):
+        assert result["runs"]["grpo"][seed]["eval"][0] == \
+            result["runs"]["amr_sd/symmetric"][seed]["eval"][0]
+    assert "gated_frac_mean" in result["summary"]["amr_sd/symmetric"]
+    assert (out / "compare.png").stat().st_size > 10_000
+    table = (out / "compare.md").read_text()
+    assert table.count("\n") == 4 and "amr_sd/symmetric" in table
+
+    # finished runs are reused: a second call trains nothing
+    def fail(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("amrsd_jax.train.trainer.train", fail)
+    assert compare.main(_args(argv)) == 0
+
+
+def test_expand_variants():
+    assert compare.expand_variants("main") == list(compare.MAIN)
+    assert compare.expand_variants("grpo,ablations")[:2] == ["grpo", "amr_sd/tau=0.25"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        compare.expand_variants("grpo2")
+
+
+def test_overhead_bench_runs(checkpoint_dir, tmp_path):
+    from amrsd_jax.bench import overhead
+
+    out = tmp_path / "overhead.json"
+    argv = ["bench", "overhead", "--config", "", "--steps", "2", "--warmup", "1",
+            "--out", str(out), *TINY, f"model.name={checkpoint_dir}"]
+    assert overhead.main(_args(argv)) == 0
+    rows = json.loads(out.read_text())["variants"]
+    assert set(rows) == {"grpo", "amr_sd/all_rows", "amr_sd/skip", "amr_sd/skip+short"}
+    assert rows["grpo"]["ratio_vs_grpo"] == 1.0 and rows["grpo"]["reflect"] == 0.0
+    assert rows["amr_sd/all_rows"]["reflected_frac"] == 1.0
+    assert rows["amr_sd/all_rows"]["reflect"] > 0
+    for row in rows.values():
+        assert len(row["per_step"]) == 2 and row["step"] > 0
