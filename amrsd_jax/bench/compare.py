@@ -97,6 +97,10 @@ def run_one(config_path: str, variant: str, seed: int, out: Path, overrides: lis
                             at_start=not initial.exists())
     t0 = time.perf_counter()
     summary = train(config)
+    if not summary["history"] or summary["history"][-1]["step"] < config.steps:
+        # the trainer stopped early (SIGTERM): leave the run unfinished and stop here
+        raise SystemExit(f"{variant} seed {seed} stopped before step {config.steps}; "
+                         "rerun the same command to continue")
     record = {"variant": variant, "method": config.method, "seed": seed,
               "wall_s": time.perf_counter() - t0, "config": config.to_dict()}
     if not initial.exists():
@@ -105,7 +109,6 @@ def run_one(config_path: str, variant: str, seed: int, out: Path, overrides: lis
         step0 = [r for r in read_metrics(directory / "metrics.jsonl", "eval") if r["step"] == 0]
         initial.write_text(json.dumps(step0[0]))
     done.write_text(json.dumps(record))
-    del summary
     return record
 
 
