@@ -84,6 +84,54 @@ def _add_bench(sub):
     o.add_argument("--out", default="bench_results/overhead.json")
     o.set_defaults(func=lambda a: __import__("amrsd_jax.bench.overhead",
                                              fromlist=["main"]).main(a))
+    _add_bench_ttsd(bsub)
+
+
+def _ttsd_options(p, *, k, rounds, lr, new_tokens):
+    """Options shared by ``run.py ttsd`` and ``run.py bench ttsd`` (amrsd_jax/ttsd.py)."""
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--k", type=int, default=k, help="attempts per round (the SDPO group)")
+    p.add_argument("--max-rounds", "--rounds", dest="max_rounds", type=int, default=rounds,
+                   help="rounds before giving up (budget = k * rounds attempts)")
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate of the SDPO step")
+    p.add_argument("--steps-per-round", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=new_tokens)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--feedback", default="own", choices=["own", "round"],
+                   help="own: each attempt's teacher sees its own verifier feedback (SDPO); "
+                        "round: every distinct feedback of the round")
+    p.add_argument("--teacher-weights", default="ema", choices=["ema", "frozen"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_ttsd(sub):
+    p = sub.add_parser("ttsd", help="test-time self-distillation on one question: k attempts "
+                                    "per round, an SDPO step after each failed round")
+    p.add_argument("--question", required=True, help="the question (user message)")
+    p.add_argument("--answer", required=True, help="gold answer (math verifier)")
+    p.add_argument("--prompt-suffix", default="Give the final answer after 'Answer:'.",
+                   help="appended to the question on a new line ('' for none)")
+    _ttsd_options(p, k=8, rounds=6, lr=1e-5, new_tokens=48)
+    p.add_argument("--best-of-k", action="store_true",
+                   help="the baseline instead: the same rounds, no updates")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--verbose", action="store_true", help="print every attempt")
+    p.add_argument("--out", default=None, help="write the record (JSON)")
+    p.set_defaults(func=lambda a: __import__("amrsd_jax.ttsd", fromlist=["main"]).main(a))
+
+
+def _add_bench_ttsd(bsub):
+    t = bsub.add_parser("ttsd", help="test-time self-distillation vs best-of-k: attempts to "
+                                     "first success on hard held-out questions")
+    _ttsd_options(t, k=4, rounds=4, lr=1e-5, new_tokens=40)
+    t.add_argument("--level", type=int, default=0, help="arithmetic task level (0-4)")
+    t.add_argument("--questions", type=int, default=8, help="hard questions to run")
+    t.add_argument("--pool", type=int, default=64,
+                   help="held-out questions scanned (greedy) for ones the model fails")
+    t.add_argument("--data-seed", type=int, default=0, help="arithmetic task seed")
+    t.add_argument("--out", default="bench_results/ttsd.json")
+    t.set_defaults(func=lambda a: __import__("amrsd_jax.bench.ttsd",
+                                             fromlist=["main"]).main(a))
 
 
 DEFAULT_PROMPTS = (
@@ -232,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_ttsd(sub)
     return parser
 
 

@@ -59,7 +59,10 @@ class TTSDSettings:
         ``round`` (each teacher sees the distinct feedback of all ``k`` attempts).
       reward: a registered reward name or a callable ``(response, gold, **kw) ->
         VerifierResult | float``; success is ``reward >= success_threshold`` (no error).
-      prompt_suffix is not applied here: ``question`` is the full user message.
+      score_old: ``old_logprobs`` from the scorer pass (as the trainer does); ``None``
+        (auto) uses the sampler's own log-probs when they are the policy's (temperature 1,
+        no top-p/top-k filter; equal up to float error) and saves that forward pass.
+      ``question`` (of :meth:`TTSD.run`) is the full user message: no suffix is added here.
     """
 
     k: int = 8
@@ -84,6 +87,7 @@ class TTSDSettings:
     max_prompt_tokens: int = 256
     max_teacher_prompt_tokens: int = 384
     system_prompt: str | None = None
+    score_old: bool | None = None
 
     def __post_init__(self):
         if self.k < 2:
@@ -99,6 +103,12 @@ class TTSDSettings:
                              f"{self.teacher_weights!r}")
         if not 0.0 < self.ema_rate <= 1.0:
             raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+
+    @property
+    def uses_scorer_for_old(self) -> bool:
+        if self.score_old is not None:
+            return self.score_old
+        return not (self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0)
 
     @property
     def budget(self) -> int:
@@ -209,10 +219,10 @@ class TTSD:
         placeholder = {key: np.zeros((s.k,) if key in ("rewards", "teacher_valid")
                                      else (s.k, 1), np.float32) for key in self.batch_keys}
         self._step_fn = self._state_sharding = None
+        self.scorer = make_scorer(self.model, self.mesh)
         if s.update:
             self._step_fn, self._state_sharding = make_update_step(
                 self.model, self.optimizer, self.step_config, self.mesh, placeholder)
-            self.scorer = make_scorer(self.model, self.mesh)
             rate = s.ema_rate
             self._ema = jax.jit(lambda t, p: ema_update(t, p, rate), donate_argnums=(0,))
         self.state = self.teacher_params = None
@@ -281,6 +291,18 @@ class TTSD:
                 self.teacher_params = self._ema(self.teacher_params, self.state.params)
         return metrics
 
+    def response_logprob(self, question: str, response: str) -> float:
+        """Diagnostic: summed log-prob of ``response`` (plus the end-of-turn token) as the
+        assistant's reply to ``question`` under the model's current weights."""
+        enc = self.encode([question], self.settings.max_prompt_tokens)
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        ids = list(ids) + ([eos] if eos is not None else self.stop_ids[:1])
+        resp = np.array([ids], np.int32)
+        lp, _ = self.scorer(nnx.state(self.model, nnx.Param), enc.ids, enc.mask, resp,
+                            np.ones_like(resp))
+        return float(np.asarray(lp).sum())
+
     # ------------------------------------------------------------------ the loop
     def run(self, question: str, answer: str, key: jax.Array, *, restore: bool = True,
             on_round: Callable[[TTSDRound], None] | None = None) -> TTSDRecord:
@@ -324,8 +346,10 @@ class TTSD:
                                                                  prompt_mask)
                     rec.feedback = [f if v else None for f, v in zip(rec.feedback, t_valid)]
                     if t_valid.any():
-                        lp_old, _ = self.scorer(self.state.params, prompt_ids, prompt_mask,
-                                                out.tokens, out.mask)
+                        lp_old = out.logprobs
+                        if s.uses_scorer_for_old:
+                            lp_old, _ = self.scorer(self.state.params, prompt_ids,
+                                                    prompt_mask, out.tokens, out.mask)
                         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                                  "response_ids": out.tokens, "response_mask": out.mask,
                                  "rewards": verified.rewards,
@@ -398,3 +422,69 @@ def summarize(records: list[TTSDRecord] | list[dict]) -> dict[str, Any]:
         "updates_mean": float(np.mean([r["updates"] for r in rows])),
         "time_s_mean": float(np.mean([r["time_s"] for r in rows])),
     }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def settings_from_args(args, **overrides) -> TTSDSettings:
+    """:class:`TTSDSettings` from the ``run.py ttsd`` / ``bench ttsd`` arguments."""
+    kw = dict(k=args.k, max_rounds=args.max_rounds, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, learning_rate=args.lr,
+              steps_per_round=args.steps_per_round, feedback=args.feedback,
+              teacher_weights=args.teacher_weights)
+    kw.update(overrides)
+    return TTSDSettings(**kw)
+
+
+def main(args) -> int:
+    """``python run.py ttsd --question ... --answer ...``: TTSD (or, with ``--best-of-k``,
+    plain best-of-k sampling) on one question; prints each round, optionally writes JSON."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from .models import load_model
+
+    settings = settings_from_args(args, update=not args.best_of_k)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    question = args.question.strip()
+    if args.prompt_suffix:
+        question = f"{question}\n{args.prompt_suffix}"
+    method = "best-of-k" if args.best_of_k else "TTSD"
+    print(f"{method}: k={settings.k} attempts per round, at most {settings.max_rounds} rounds "
+          f"({settings.budget} attempts)" + ("" if args.best_of_k else
+                                             f", lr={settings.learning_rate:g}"))
+
+    def show(rec: TTSDRound) -> None:
+        n_ok = sum(rec.correct)
+        line = f"round {rec.round}: {n_ok}/{len(rec.correct)} correct ({rec.time_s:.1f}s)"
+        if rec.metrics:
+            line += (f"; SDPO step: distill_loss={rec.metrics.get('distill_loss_mean', 0):.4f} "
+                     f"grad_norm={rec.metrics.get('grad_norm', 0):.3f}"
+                     + (" (skipped: non-finite)" if not rec.updated else ""))
+        print(line, flush=True)
+        if args.verbose:
+            for text, ok, fb in zip(rec.responses, rec.correct, rec.feedback):
+                print(f"  [{'ok' if ok else 'x '}] {text.strip()[:160]!r}"
+                      + (f"  <- feedback: {fb!r}" if fb else ""))
+        elif n_ok:
+            print(f"  first success: {rec.responses[rec.correct.index(True)].strip()[:200]!r}")
+
+    record = run_ttsd(model, tokenizer, question, args.answer, settings,
+                      jax.random.key(args.seed), on_round=show)
+    if record.solved:
+        print(f"solved at attempt {record.attempts_to_success} (round {record.success_round}, "
+              f"{record.updates} SDPO steps) in {record.time_s:.0f}s")
+    else:
+        print(f"not solved within {settings.budget} attempts ({record.updates} SDPO steps) "
+              f"in {record.time_s:.0f}s")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": settings.to_dict(), "model": str(args.model),
+                                   "seed": args.seed, "record": record.to_dict()}, indent=2))
+        print(f"wrote {out}")
+    return 0
