@@ -51,12 +51,21 @@ class TrainingStopped(RuntimeError):
 
 def maybe_initialize_distributed() -> bool:
     """``jax.distributed.initialize()`` when the environment describes a multi-process job
-    (a coordinator address, or a multi-worker Cloud TPU slice). Returns whether it ran."""
+    (a coordinator address, or a multi-worker Cloud TPU slice). Returns whether it ran.
+
+    On clusters JAX detects by itself (Cloud TPU, SLURM, Open MPI, Kubernetes) nothing else
+    is needed; elsewhere set ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID`` on every process."""
     env = os.environ
     multi_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
     if env.get("JAX_COORDINATOR_ADDRESS") or multi_tpu:
         if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
+            explicit = {}
+            if env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+                explicit = dict(coordinator_address=env.get("JAX_COORDINATOR_ADDRESS"),
+                                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                process_id=int(env["JAX_PROCESS_ID"]))
+            jax.distributed.initialize(**explicit)
         return True
     return False
 
