@@ -77,6 +77,11 @@ def test_only_mixed_groups_are_reflected_and_scored(checkpoint_dir, tmp_path):
         mask = np.asarray(last["batch"]["response_mask"]).astype(bool)
         if mixed.any():  # a different context changes the scores of reflected rows
             assert np.abs(lp_t - lp_old)[mixed & mask.any(1)].max() > 0
+            correct = np.asarray(last["verified"].correct).astype(bool)
+            sel = mask & (mixed & correct)[:, None]
+            if sel.any():  # the hint-quality diagnostic is the mean gain of those tokens
+                assert metrics["reflection_gain_correct"] == pytest.approx(
+                    float((lp_t - lp_old)[sel].mean()), rel=1e-5)
         seen_mixed |= mixed.any()
         seen_equal |= (~mixed).any()
     trainer.close()

@@ -74,6 +74,7 @@ def variant_config(config_path: str, variant: str, seed: int, out: Path,
     from ..train.config import load_train_config
 
     method, extra = VARIANTS[variant]
+    config_path = config_path or None  # "" = the TrainConfig defaults
     base = load_train_config(config_path, overrides)
     lam = base.method_settings("amr_sd").lam
     return load_train_config(config_path, [
@@ -160,7 +161,8 @@ def summarize(per_seed: dict[int, dict]) -> dict[str, Any]:
     trains = [t for r in per_seed.values() for t in r["train"]]
     for key in ("amr_sd/gated_frac", "amr_sd/gated_frac_correct",
                 "amr_sd/gated_frac_incorrect", "amr_sd/ihat_q05", "amr_sd/ihat_q95",
-                "reflected_frac", "reflection_length_mean"):
+                "reflected_frac", "reflection_length_mean", "reflection_gain_correct",
+                "reflection_gain_incorrect"):
         values = [t[key] for t in trains if key in t]
         if values:
             row[key.removeprefix("amr_sd/") + "_mean"] = statistics.fmean(values)
@@ -176,10 +178,15 @@ def _fmt(row: dict, key: str) -> str:
     return "-" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
 
 
+def _gain(row: dict) -> str:
+    values = [row.get(f"reflection_gain_{k}_mean") for k in ("correct", "incorrect")]
+    return " / ".join("-" if v is None else f"{v:+.3f}" for v in values)
+
+
 def markdown_table(summary: dict[str, dict]) -> str:
     head = ("| variant | seeds | held-out pass@1 final | greedy final | best pass@1 | "
             "pass@1 at step 0 | train reward (last 3) | median step (s) | gated frac | "
-            "redactions |")
+            "redactions | gain hint / critique (nats) |")
     lines = [head, "|" + "|".join([" --- "] * (head.count("|") - 1)) + "|"]
     for variant, row in summary.items():
         gated = row.get("gated_frac_mean")
@@ -190,7 +197,7 @@ def markdown_table(summary: dict[str, dict]) -> str:
             f"{_fmt(row, 'final_pass@1_greedy')} | {_fmt(row, 'best_pass@1')} | "
             f"{_fmt(row, 'initial_pass@1')} | {_fmt(row, 'last3_train_reward')} | "
             f"{row['step_time_median_s']:.1f} | "
-            f"{'-' if gated is None else f'{gated:.3f}'} | {redactions} |")
+            f"{'-' if gated is None else f'{gated:.3f}'} | {redactions} | {_gain(row)} |")
     return "\n".join(lines)
 
 

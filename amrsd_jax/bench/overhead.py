@@ -49,6 +49,7 @@ def main(args) -> int:
 
     jax.config.update("jax_compilation_cache_dir", f"{args.out}.xla_cache")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    args.config = args.config or None  # "" = the TrainConfig defaults
     base = load_train_config(args.config, list(args.overrides))
     from ..models import load_model
 

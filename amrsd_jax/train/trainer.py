@@ -394,6 +394,8 @@ class Trainer:
                         scored, _ = self.scorer(t_params, teacher[0], teacher[1],
                                                 out.tokens[rows], response_mask[rows])
                         lp_t[teacher_rows] = _to_host(scored)[:len(teacher_rows)]
+                        host.update(_reflection_gain(lp_t, _to_host(lp_old), response_mask,
+                                                     verified.correct, teacher_rows))
                     batch["teacher_logprobs"] = lp_t
             if self.ref_params is not None:
                 batch["ref_logprobs"], _ = self.scorer(self.ref_params, prompt_ids, prompt_mask,
@@ -607,6 +609,21 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.metrics.close()
+
+
+def _reflection_gain(lp_teacher, lp_old, mask, correct, rows) -> dict[str, float]:
+    """Hint-quality diagnostic: mean per-token gain ``lp_T - lp_old`` (nats, unclipped) of
+    the reflected rows, split by outcome. A useful hint raises the likelihood of a correct
+    rollout (> 0); a useful critique lowers that of an incorrect one (< 0)."""
+    out = {}
+    gain = (lp_teacher - lp_old)[rows]
+    mask = np.asarray(mask)[rows].astype(bool)
+    ok = np.asarray(correct)[rows].astype(bool)
+    for name, sel in (("correct", ok), ("incorrect", ~ok)):
+        m = mask & sel[:, None]
+        if m.any():
+            out[f"reflection_gain_{name}"] = float(gain[m].mean())
+    return out
 
 
 class _Subset:
