@@ -182,3 +182,17 @@ def test_overhead_bench_runs(checkpoint_dir, tmp_path):
     assert rows["amr_sd/all_rows"]["reflect"] > 0
     for row in rows.values():
         assert len(row["per_step"]) == 2 and row["step"] > 0
+
+
+def test_compare_skips_a_run_another_live_process_holds(tmp_path, monkeypatch):
+    import os
+
+    def fail(*a, **k):
+        raise AssertionError("trained a run another process holds")
+
+    monkeypatch.setattr("amrsd_jax.train.trainer.train", fail)
+    directory = compare.run_dir(tmp_path, "grpo", 0)
+    directory.mkdir(parents=True)
+    (directory / "running.pid").write_text(str(os.getppid()))  # a live process, not us
+    assert compare.run_one("", "grpo", 0, tmp_path, []) is None
+    assert (directory / "running.pid").exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -83,16 +84,25 @@ def variant_config(config_path: str, variant: str, seed: int, out: Path,
         *(e.format(lam=lam) for e in extra)])
 
 
-def run_one(config_path: str, variant: str, seed: int, out: Path, overrides: list[str]) -> dict:
-    """Train one (variant, seed) unless it already finished; returns its ``done.json``."""
+def run_one(config_path: str, variant: str, seed: int, out: Path,
+            overrides: list[str]) -> dict | None:
+    """Train one (variant, seed) unless it already finished (returns its ``done.json``) or
+    another live process is training it (returns None)."""
     from ..train.trainer import train
 
     directory = run_dir(out, variant, seed)
     done = directory / "done.json"
     if done.exists():
         return json.loads(done.read_text())
+    lock = directory / "running.pid"
+    if _held_by_live_process(lock):  # another `bench compare` (e.g. other seeds) has it
+        print(f"{variant} seed {seed} is running in process {lock.read_text()}; skipped",
+              file=sys.stderr)
+        return None
     if directory.exists():  # an interrupted run: start it again from scratch
         shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    lock.write_text(str(os.getpid()))
     initial = out / f"initial_eval-seed{seed}.json"
     config = variant_config(config_path, variant, seed, out, overrides,
                             at_start=not initial.exists())
@@ -110,7 +120,24 @@ def run_one(config_path: str, variant: str, seed: int, out: Path, overrides: lis
         step0 = [r for r in read_metrics(directory / "metrics.jsonl", "eval") if r["step"] == 0]
         initial.write_text(json.dumps(step0[0]))
     done.write_text(json.dumps(record))
+    lock.unlink(missing_ok=True)
     return record
+
+
+def _held_by_live_process(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- aggregation
