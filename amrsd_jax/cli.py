@@ -125,7 +125,7 @@ def _add_bench_ttsd(bsub):
                                      "first success on hard held-out questions")
     _ttsd_options(t, k=4, rounds=4, lr=1e-5, new_tokens=40)
     t.add_argument("--level", type=int, default=0, help="arithmetic task level (0-4)")
-    t.add_argument("--questions", type=int, default=8, help="hard questions to run")
+    t.add_argument("--questions", type=int, default=6, help="hard questions to run")
     t.add_argument("--pool", type=int, default=64,
                    help="held-out questions scanned (greedy) for ones the model fails")
     t.add_argument("--data-seed", type=int, default=0, help="arithmetic task seed")

@@ -7,6 +7,7 @@ For one hard question with a binary verifier::
         if any attempt is correct: stop              (attempts-to-first-success recorded)
         else: one SDPO update step on this question, every attempt distilled toward the
               teacher = the same model re-prompted with that attempt's verifier feedback
+              (not after the last round: that step could not change the outcome)
 
 With every attempt failed the GRPO advantages are all 0, so the step is driven by SDPO's
 distillation loss (``distill_weight = 1`` by default) toward the feedback-conditioned
@@ -59,6 +60,10 @@ class TTSDSettings:
         ``round`` (each teacher sees the distinct feedback of all ``k`` attempts).
       reward: a registered reward name or a callable ``(response, gold, **kw) ->
         VerifierResult | float``; success is ``reward >= success_threshold`` (no error).
+      min_prompt_width / min_teacher_prompt_width: prompts are left-padded to at least
+        these widths (then to the sampler's length buckets), so questions of different
+        lengths share one compiled sampler and update step (a new shape costs a compile of
+        tens of seconds on CPU; the padding is masked out).
       score_old: ``old_logprobs`` from the scorer pass (as the trainer does); ``None``
         (auto) uses the sampler's own log-probs when they are the policy's (temperature 1,
         no top-p/top-k filter; equal up to float error) and saves that forward pass.
@@ -88,6 +93,8 @@ class TTSDSettings:
     max_teacher_prompt_tokens: int = 384
     system_prompt: str | None = None
     score_old: bool | None = None
+    min_prompt_width: int = 96
+    min_teacher_prompt_width: int = 128
 
     def __post_init__(self):
         if self.k < 2:
@@ -103,6 +110,9 @@ class TTSDSettings:
                              f"{self.teacher_weights!r}")
         if not 0.0 < self.ema_rate <= 1.0:
             raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+        if self.policy.kl_beta > 0:
+            raise ValueError("policy.kl_beta > 0 (a reference-model KL) is not supported by "
+                             "TTSD; the SDPO step here has no reference pass")
 
     @property
     def uses_scorer_for_old(self) -> bool:
@@ -132,7 +142,7 @@ class TTSDRound:
     correct: list[bool]
     responses: list[str]
     feedback: list[str | None]  # what each attempt's teacher was shown (None: no signal)
-    updated: bool = False
+    updated: bool = False  # at least one finite SDPO step after this round
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     time_s: float = 0.0
 
@@ -248,11 +258,16 @@ class TTSD:
         self.state = self.teacher_params = None
 
     # ------------------------------------------------------------------ pieces
-    def encode(self, messages: list[str], max_tokens: int):
+    def encode(self, messages: list[str], max_tokens: int, min_width: int = 0):
+        """Chat-encoded, left-padded ``(ids, mask)`` at least ``min_width`` wide."""
         from .rollout.prompts import encode_chat
+        from .rollout.sampler import left_pad_to
 
-        return encode_chat(self.tokenizer, messages, max_tokens=max_tokens,
-                           system_prompt=self.settings.system_prompt, on_long="truncate")
+        enc = encode_chat(self.tokenizer, messages, max_tokens=max_tokens,
+                          system_prompt=self.settings.system_prompt, on_long="truncate")
+        if enc.ids.shape[1] >= min_width:
+            return enc.ids, enc.mask
+        return left_pad_to(enc.ids, enc.mask, min_width, self.pad_id)
 
     def sample(self, prompt_ids, prompt_mask, key):
         from .rollout.sampler import SamplingConfig, generate
@@ -272,45 +287,53 @@ class TTSD:
         valid = np.array([m is not None for m in messages])
         if not valid.any():
             return fallback_ids, fallback_mask, valid
-        enc = self.encode([m if m is not None else "" for m in messages],
-                          self.settings.max_teacher_prompt_tokens)
-        width = max(enc.ids.shape[1], fallback_ids.shape[1])
-        ids, mask = left_padded([enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
+        enc_ids, enc_mask = self.encode([m if m is not None else "" for m in messages],
+                                        self.settings.max_teacher_prompt_tokens,
+                                        self.settings.min_teacher_prompt_width)
+        width = max(enc_ids.shape[1], fallback_ids.shape[1])
+        ids, mask = left_padded([enc_ids[i][enc_mask[i].astype(bool)] if valid[i]
                                  else fallback_ids[i][fallback_mask[i].astype(bool)]
                                  for i in range(len(messages))], width, self.pad_id)
         return ids, mask, valid
 
-    def sdpo_step(self, batch: dict) -> dict[str, float]:
-        """``steps_per_round`` SDPO steps on one round's batch; returns the last metrics."""
+    def sdpo_step(self, batch: dict) -> tuple[dict[str, float], int]:
+        """``steps_per_round`` SDPO steps on one round's batch; returns the last step's
+        metrics and the number of finite (applied) steps."""
         metrics: dict[str, float] = {}
+        applied = 0
         for _ in range(self.settings.steps_per_round):
             self.state, device_metrics = self._step_fn(self.state, batch, self.teacher_params)
             metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
             nnx.update(self.model, self.state.params)
+            applied += int(not metrics["update_skipped"])
             if self.settings.teacher_weights == "ema" and not metrics["update_skipped"]:
                 self.teacher_params = self._ema(self.teacher_params, self.state.params)
-        return metrics
+        return metrics, applied
 
     def response_logprob(self, question: str, response: str) -> float:
         """Diagnostic: summed log-prob of ``response`` (plus the end-of-turn token) as the
         assistant's reply to ``question`` under the model's current weights."""
-        enc = self.encode([question], self.settings.max_prompt_tokens)
+        p_ids, p_mask = self.encode([question], self.settings.max_prompt_tokens,
+                                    self.settings.min_prompt_width)
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         ids = list(ids) + ([eos] if eos is not None else self.stop_ids[:1])
         resp = np.array([ids], np.int32)
-        lp, _ = self.scorer(nnx.state(self.model, nnx.Param), enc.ids, enc.mask, resp,
+        lp, _ = self.scorer(nnx.state(self.model, nnx.Param), p_ids, p_mask, resp,
                             np.ones_like(resp))
         return float(np.asarray(lp).sum())
 
     # ------------------------------------------------------------------ the loop
     def run(self, question: str, answer: str, key: jax.Array, *, restore: bool = True,
+            reward: str | Callable[..., Any] | None = None,
             on_round: Callable[[TTSDRound], None] | None = None) -> TTSDRecord:
         """TTSD (or best-of-k with ``settings.update=False``) on one question.
 
         ``question`` is the user message (e.g. the arithmetic question plus its
         "Give the final answer after 'Answer:'." suffix); ``answer`` the gold answer.
-        ``key`` seeds the sampling of round ``r`` as ``fold_in(key, r)``.
+        ``key`` seeds the sampling of round ``r`` as ``fold_in(key, r)``. ``reward``
+        overrides ``settings.reward`` for this question; ``on_round`` is called after each
+        round (after its SDPO step, so the model holds the updated weights).
         """
         from .reflection.contexts import sdpo_teacher_prompt
         from .train import rollouts
@@ -318,9 +341,9 @@ class TTSD:
         s = self.settings
         t_start = time.perf_counter()
         self.reset()
-        enc = self.encode([question], s.max_prompt_tokens)
-        prompt_ids = np.repeat(enc.ids, s.k, axis=0)
-        prompt_mask = np.repeat(enc.mask, s.k, axis=0)
+        q_ids, q_mask = self.encode([question], s.max_prompt_tokens, s.min_prompt_width)
+        prompt_ids = np.repeat(q_ids, s.k, axis=0)
+        prompt_mask = np.repeat(q_mask, s.k, axis=0)
         golds = [str(answer)] * s.k
         rounds: list[TTSDRound] = []
         success_round = attempts = None
@@ -330,7 +353,8 @@ class TTSD:
                 t0 = time.perf_counter()
                 out = self.sample(prompt_ids, prompt_mask, jax.random.fold_in(key, r))
                 texts = rollouts.decode_responses(self.tokenizer, out.tokens, out.lengths)
-                verified = rollouts.verify(texts, golds, reward=s.reward,
+                verified = rollouts.verify(texts, golds,
+                                           reward=s.reward if reward is None else reward,
                                            success_threshold=s.success_threshold,
                                            timeout_s=s.reward_timeout_s)
                 correct = [bool(c) for c in verified.correct]
@@ -357,10 +381,10 @@ class TTSD:
                                  "teacher_prompt_ids": t_ids, "teacher_prompt_mask": t_mask,
                                  "teacher_valid": t_valid.astype(np.int32)}
                         assert sorted(batch) == sorted(self.batch_keys), sorted(batch)
-                        rec.metrics = self.sdpo_step(batch)
+                        rec.metrics, applied = self.sdpo_step(batch)
                         rec.metrics["teacher_valid_frac"] = float(t_valid.mean())
-                        rec.updated = not rec.metrics["update_skipped"]
-                        updates += int(rec.updated)
+                        rec.updated = applied > 0
+                        updates += applied
                 rec.time_s = time.perf_counter() - t0
                 if on_round is not None:
                     on_round(rec)
