@@ -81,6 +81,9 @@ def _add_bench(sub):
     o.add_argument("--warmup", type=int, default=1, help="first steps left out (compilation)")
     o.add_argument("--short-tokens", type=int, default=32,
                    help="reflection length of the short-reflection lever")
+    o.add_argument("--variants", default=None,
+                   help="comma list of amr_sd/all_rows, amr_sd/skip, amr_sd/skip+short "
+                        "(GRPO always runs; default: all)")
     o.add_argument("--out", default="bench_results/overhead.json")
     o.set_defaults(func=lambda a: __import__("amrsd_jax.bench.overhead",
                                              fromlist=["main"]).main(a))

@@ -56,6 +56,12 @@ def main(args) -> int:
     model, tokenizer = load_model(base.model.name, base.model.dtype)
     initial = nnx.state(model, nnx.Param)
     names = variants(args.short_tokens)
+    if args.variants:
+        wanted = ["grpo", *[v for v in args.variants.split(",") if v and v != "grpo"]]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; choose from {sorted(names)}")
+        names = {k: names[k] for k in wanted}
     trainers = {}
     for name, extra in names.items():
         cfg = load_train_config(args.config, [
