@@ -84,6 +84,9 @@ def _add_bench(sub):
     o.add_argument("--variants", default=None,
                    help="comma list of amr_sd/all_rows, amr_sd/skip, amr_sd/skip+short "
                         "(GRPO always runs; default: all)")
+    o.add_argument("--cache-dir", default=None,
+                   help="persistent XLA cache (default <out>.xla_cache); reuse bench "
+                        "compare's (<its out>/xla_cache) to keep compilation out of the timing")
     o.add_argument("--out", default="bench_results/overhead.json")
     o.set_defaults(func=lambda a: __import__("amrsd_jax.bench.overhead",
                                              fromlist=["main"]).main(a))

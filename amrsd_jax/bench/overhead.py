@@ -47,7 +47,8 @@ def main(args) -> int:
     from ..train.config import load_train_config
     from ..train.trainer import Trainer
 
-    jax.config.update("jax_compilation_cache_dir", f"{args.out}.xla_cache")
+    # the persistent cache (e.g. bench compare's) spares the timed steps new compilations
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir or f"{args.out}.xla_cache")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     args.config = args.config or None  # "" = the TrainConfig defaults
     base = load_train_config(args.config, list(args.overrides))
