@@ -31,7 +31,7 @@ from flax import nnx
 
 from ..credit.registry import get_method
 from ..data import PromptStream
-from ..reflection.contexts import raw_peer_teacher_prompt
+from ..reflection.contexts import amr_sd_teacher_prompt, raw_peer_teacher_prompt
 from ..rollout.prompts import encode_chat
 from ..rollout.sampler import SamplingConfig, generate
 from ..scoring import make_scorer, outcome_importance
@@ -298,9 +298,8 @@ class Trainer:
                 self.counters["redactions"] += redactions
                 host.update(reflection_length_mean=float(np.mean(r_out.lengths[:n])),
                             redactions=redactions)
-                messages = rollouts.teacher_messages(
-                    "reflection", [questions[i] for i in rows], None,
-                    _Subset(verified, rows), G, reflections=reflections)
+                messages = [amr_sd_teacher_prompt(questions[i], r, bool(verified.correct[i]))
+                            for i, r in zip(rows, reflections)]
                 full = [None] * B
                 for i, r in zip(rows, reflections):
                     full[i] = r
@@ -624,14 +623,6 @@ def _reflection_gain(lp_teacher, lp_old, mask, correct, rows) -> dict[str, float
         if m.any():
             out[f"reflection_gain_{name}"] = float(gain[m].mean())
     return out
-
-
-class _Subset:
-    """The ``correct`` flags of some rows of a :class:`~.rollouts.Verified` (what
-    ``teacher_messages('reflection', ...)`` reads)."""
-
-    def __init__(self, verified, rows):
-        self.correct = np.asarray(verified.correct)[rows]
 
 
 def _bucket_rows(rows: np.ndarray, quantum: int, limit: int) -> np.ndarray:
