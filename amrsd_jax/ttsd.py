@@ -281,19 +281,14 @@ class TTSD:
 
     def teacher_tokens(self, messages: list[str | None], fallback_ids, fallback_mask):
         """Left-padded teacher prompts; rows without a context reuse the student prompt
-        and are marked invalid (as ``Trainer._teacher_tokens``)."""
-        from .train.data import left_padded
+        and are marked invalid (:func:`amrsd_jax.train.data.encode_teacher_prompts`)."""
+        from .train.data import encode_teacher_prompts
 
-        valid = np.array([m is not None for m in messages])
-        if not valid.any():
-            return fallback_ids, fallback_mask, valid
-        enc_ids, enc_mask = self.encode([m if m is not None else "" for m in messages],
-                                        self.settings.max_teacher_prompt_tokens,
-                                        self.settings.min_teacher_prompt_width)
-        width = max(enc_ids.shape[1], fallback_ids.shape[1])
-        ids, mask = left_padded([enc_ids[i][enc_mask[i].astype(bool)] if valid[i]
-                                 else fallback_ids[i][fallback_mask[i].astype(bool)]
-                                 for i in range(len(messages))], width, self.pad_id)
+        ids, mask, valid, _ = encode_teacher_prompts(
+            self.tokenizer, messages, fallback_ids, fallback_mask,
+            max_tokens=self.settings.max_teacher_prompt_tokens,
+            system_prompt=self.settings.system_prompt, pad_id=self.pad_id,
+            min_width=self.settings.min_teacher_prompt_width)
         return ids, mask, valid
 
     def sdpo_step(self, batch: dict) -> tuple[dict[str, float], int]:

@@ -265,6 +265,49 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, groups: dict[str, list[st
     plt.close(fig)
 
 
+def plot_diagnostics(runs: dict[str, dict[int, dict]], path: Path, variants: list[str]) -> bool:
+    """Why AMR-SD does (not) help, per training step and seed: the reflection gain (mean
+    per-token lp_T - lp_old of the reflected rollouts; > 0 means the self-written hint or
+    critique made the rollout more likely) and the fraction of tokens the gate opened on,
+    split by outcome. Returns False when no run logged them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("reflection gain (nats/token)", (("reflection_gain_correct", "hint, correct"),
+                                                ("reflection_gain_incorrect",
+                                                 "critique, incorrect"))),
+              ("gated fraction of response tokens",
+               (("amr_sd/gated_frac_correct", "correct rollouts"),
+                ("amr_sd/gated_frac_incorrect", "incorrect rollouts"))))
+    variants = [v for v in variants if v in runs and any(
+        "reflection_gain_correct" in t or "amr_sd/gated_frac" in t
+        for r in runs[v].values() for t in r["train"])]
+    if not variants:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    markers = "os^Dv<>"
+    for ax, (title, series) in zip(axes, panels):
+        for (key, label), color in zip(series, ("tab:green", "tab:red")):
+            for variant, marker in zip(variants, markers):
+                points = [(t["step"], t[key]) for r in runs[variant].values()
+                          for t in r["train"] if key in t]
+                if points:
+                    steps, values = zip(*points)
+                    ax.scatter(steps, values, color=color, marker=marker, alpha=0.6, s=22,
+                               label=f"{label}: {variant}")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("AMR-SD diagnostics, every seed and step", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def report(out: Path, variants: list[str], seeds: list[int], settings: dict) -> dict:
     runs = load_runs(out, variants, seeds)
     summary = {v: summarize(runs[v]) for v in variants if v in runs}
@@ -280,11 +323,13 @@ def report(out: Path, variants: list[str], seeds: list[int], settings: dict) -> 
              {"methods": [v for v in variants if v in MAIN or v == "oar_p"],
               "AMR-SD sweep and ablations": ["amr_sd", *[v for v in variants
                                                           if v.startswith("amr_sd/")]]})
+        plot_diagnostics(runs, out / "compare_diagnostics.png",
+                         [v for v in variants if v == "amr_sd" or v.startswith("amr_sd/")])
     print(table)
     if missing:
         print(f"\nnot finished: {', '.join(missing)}")
     print(f"\nwrote {out / 'compare.json'}, {out / 'compare.md'}"
-          + (f", {out / 'compare.png'}" if runs else ""))
+          + (f", {out / 'compare.png'}, {out / 'compare_diagnostics.png'}" if runs else ""))
     return result
 
 

@@ -89,3 +89,26 @@ def left_padded(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[np
             ids[b, width - len(row):] = row
             mask[b, width - len(row):] = 1
     return ids, mask
+
+
+def encode_teacher_prompts(tokenizer, messages: Sequence[str | None], fallback_ids: np.ndarray,
+                           fallback_mask: np.ndarray, *, max_tokens: int,
+                           system_prompt: str | None, pad_id: int, min_width: int = 0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Left-padded teacher prompts ``(ids, mask, valid, truncated)``, ``[batch, width]``.
+
+    ``messages[i] is None`` means row ``i`` has no teacher context: it reuses its student
+    prompt (``fallback_ids/mask [batch, time]``) and is marked ``valid[i] = False``. The
+    width is at least the student prompt's and ``min_width``; prompts over ``max_tokens``
+    keep their last ``max_tokens`` tokens (``truncated`` counts them).
+    """
+    valid = np.array([m is not None for m in messages])
+    if not valid.any():
+        return fallback_ids, fallback_mask, valid, 0
+    enc = encode_chat(tokenizer, [m if m is not None else "" for m in messages],
+                      max_tokens=max_tokens, system_prompt=system_prompt, on_long="truncate")
+    width = max(enc.ids.shape[1], fallback_ids.shape[1], min_width)
+    rows = [enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
+            else fallback_ids[i][fallback_mask[i].astype(bool)] for i in range(len(messages))]
+    ids, mask = left_padded(rows, width, pad_id)
+    return ids, mask, valid, enc.truncated

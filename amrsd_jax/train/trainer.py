@@ -40,7 +40,7 @@ from ..update import (StepConfig, ema_update, init_train_state, make_optimizer,
                       make_update_step)
 from . import rollouts
 from .config import TrainConfig, check_mesh, update_batch_keys
-from .data import PreparedData, left_padded, load_examples, prepare
+from .data import PreparedData, encode_teacher_prompts, left_padded, load_examples, prepare
 from .metrics import MetricsLogger, PhaseTimer
 
 
@@ -225,21 +225,12 @@ class Trainer:
         return jax.tree.map(_to_host, out)
 
     def _teacher_tokens(self, messages: list[str | None], fallback_ids, fallback_mask):
-        """Left-padded teacher prompts; rows without a context reuse the student prompt
-        (and are marked invalid)."""
-        valid = np.array([m is not None for m in messages])
-        if not valid.any():
-            return fallback_ids, fallback_mask, valid
-        msgs = [m if m is not None else "" for m in messages]
-        enc = encode_chat(self.tokenizer, msgs, max_tokens=self.config.reflection
-                          .max_teacher_prompt_tokens, system_prompt=self.config.model
-                          .system_prompt, on_long="truncate")
-        width = max(enc.ids.shape[1], fallback_ids.shape[1])
-        ids, mask = left_padded([enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
-                                 else fallback_ids[i][fallback_mask[i].astype(bool)]
-                                 for i in range(len(msgs))], width, self.pad_id)
+        ids, mask, valid, truncated = encode_teacher_prompts(
+            self.tokenizer, messages, fallback_ids, fallback_mask,
+            max_tokens=self.config.reflection.max_teacher_prompt_tokens,
+            system_prompt=self.config.model.system_prompt, pad_id=self.pad_id)
         self.counters["truncated_teacher_prompts"] = \
-            self.counters.get("truncated_teacher_prompts", 0) + enc.truncated
+            self.counters.get("truncated_teacher_prompts", 0) + truncated
         return ids, mask, valid
 
     def _gate_active(self) -> bool:
