@@ -77,6 +77,49 @@ def test_only_mixed_groups_are_reflected_and_scored(checkpoint_dir, tmp_path):
     assert seen_mixed and seen_equal  # both branches exercised
 
 
+def test_follow_up_reflections_equal_generating_from_the_whole_conversation(checkpoint_dir,
+                                                                            tmp_path):
+    """reflection.request=follow_up prefills only the new user turn on the rollout's KV
+    cache; the (greedy) reflections are those the policy writes when given the rollout's
+    conversation plus that turn in full."""
+    from flax import nnx
+
+    from amrsd_jax.rollout import SamplingConfig, generate
+    from amrsd_jax.rollout.prompts import encode_follow_up
+    from amrsd_jax.train import rollouts
+
+    trainer = _trainer(checkpoint_dir, tmp_path / "follow", "reflection.request=follow_up",
+                       "reflection.temperature=0", "reflection.skip_uninformative=false",
+                       "reflection.leak_guard=false")
+    before = jax.tree.map(lambda x: x.copy(), trainer.state.params)
+    trainer.train_step(0)
+    last, tok = trainer.last_rollout, trainer.tokenizer
+    nnx.update(trainer.model, before)  # the policy that wrote the reflections
+    batch = last["batch"]
+    lengths = batch["response_mask"].sum(1)
+    questions = [ex["prompt"] for ex in last["examples"]]
+    requests = rollouts.reflection_messages(questions, last["texts"], last["verified"], 2,
+                                            follow_up=True)
+    ended = np.array([n > 0 and r[n - 1] in trainer.stop_ids
+                      for r, n in zip(batch["response_ids"], lengths)])
+    tail = encode_follow_up(tok, requests, ended, trainer.stop_ids, max_tokens=10_000)
+    rows = [np.concatenate([p[m == 1], r[:n], t[tm == 1]]) for p, m, r, n, t, tm in zip(
+        batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], lengths,
+        tail.ids, tail.mask)]
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    ref = generate(trainer.model, ids, mask, jax.random.key(0),
+                   SamplingConfig(max_new_tokens=5, greedy=True), stop_tokens=trainer.stop_ids,
+                   pad_id=trainer.pad_id)
+    expected = rollouts.decode_responses(tok, np.asarray(ref.tokens), np.asarray(ref.lengths))
+    assert last["reflections"] == expected
+    assert any(expected)
+    trainer.close()
+
+
 def test_all_rows_when_the_lever_is_off_and_none_once_annealed(checkpoint_dir, tmp_path):
     trainer = _trainer(checkpoint_dir, tmp_path / "all", "reflection.skip_uninformative=false")
     metrics = trainer.train_step(0)
@@ -166,7 +209,8 @@ def test_overhead_bench_runs(checkpoint_dir, tmp_path):
             "--out", str(out), *TINY, f"model.name={checkpoint_dir}"]
     assert overhead.main(_args(argv)) == 0
     rows = json.loads(out.read_text())["variants"]
-    assert set(rows) == {"grpo", "amr_sd/all_rows", "amr_sd/skip", "amr_sd/skip+short"}
+    assert set(rows) == {"grpo", "amr_sd/all_rows", "amr_sd/skip", "amr_sd/skip+short",
+                         "amr_sd/skip+short+follow_up"}
     assert rows["grpo"]["reflect"] == 0.0
     assert rows["amr_sd/all_rows"]["reflected_frac"] == 1.0
     assert rows["amr_sd/all_rows"]["reflect"] > 0

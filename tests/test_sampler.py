@@ -1,11 +1,12 @@
-"""Sampler: determinism, greedy == argmax of the full forward, stop tokens, filters, buckets."""
+"""Sampler: determinism, greedy == argmax of the full forward, stop tokens, filters, buckets,
+continuing earlier generations from their KV cache."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amrsd_jax.rollout import SamplingConfig, bucket_length, generate
+from amrsd_jax.rollout import SamplingConfig, bucket_length, continue_generation, generate
 from amrsd_jax.rollout import sampler as sampler_module
 
 from conftest import tiny_model
@@ -109,6 +110,41 @@ def test_loop_stops_early_when_all_rows_done(model):
                    stop_tokens=[[int(r[0])] for r in free])
     assert np.asarray(out.lengths).tolist() == [1, 1, 1]
     assert int(out.num_steps) == 1  # the loop itself ended, not just the masks
+
+
+def test_continuing_from_the_cache_equals_generating_from_the_whole_text(model):
+    """A follow-up turn prefilled on top of the rollout's KV cache gives the same tokens and
+    log-probs as generating from prompt + response + follow-up written out in full."""
+    greedy = SamplingConfig(max_new_tokens=8, greedy=True)
+    free = np.asarray(generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=[]).tokens)
+    # rows stop at different steps (row 2 runs to the limit): holes of different widths
+    stops = [[int(free[0, 1])], [int(free[1, 5])], [-5]]
+    first, state = generate(model, IDS, MASK, jax.random.key(0), greedy, stop_tokens=stops,
+                            return_state=True)
+    lengths = np.asarray(first.lengths)
+    assert len(set(lengths.tolist())) == 3
+    rows = np.array([2, 0, 0, 1])  # a subset, in any order, with repeats
+    rng = np.random.default_rng(5)
+    suffixes = [rng.integers(4, 96, n).astype(np.int32) for n in (3, 5, 1, 4)]
+    width = max(len(x) for x in suffixes)
+    suffix_ids = np.zeros((4, width), np.int32)
+    suffix_mask = np.zeros((4, width), np.int32)
+    for b, x in enumerate(suffixes):
+        suffix_ids[b, width - len(x):], suffix_mask[b, width - len(x):] = x, 1
+    cont = SamplingConfig(max_new_tokens=6, greedy=True)
+    out = continue_generation(model, state, rows, suffix_ids, suffix_mask, jax.random.key(1),
+                              cont, stop_tokens=[])
+
+    full = [np.concatenate([IDS[r][MASK[r] == 1], np.asarray(first.tokens)[r, :lengths[r]], x])
+            for r, x in zip(rows, suffixes)]
+    long = max(len(x) for x in full)
+    ids = np.zeros((4, long), np.int32)
+    mask = np.zeros((4, long), np.int32)
+    for b, x in enumerate(full):
+        ids[b, long - len(x):], mask[b, long - len(x):] = x, 1
+    ref = generate(model, ids, mask, jax.random.key(1), cont, stop_tokens=[])
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
 
 
 def test_buckets_share_one_compiled_program(model):

@@ -15,7 +15,10 @@ Variants (the levers on AMR-SD's overhead):
   (``reflection.skip_uninformative=false``), SPEC's 96-token reflections;
 - ``amr_sd/skip``: only rows of groups with unequal rewards (the default; exact, since an
   all-equal group has advantage 0), 96-token reflections;
-- ``amr_sd/skip+short``: the default plus ``reflection.max_tokens=<--short-tokens>``.
+- ``amr_sd/skip+short``: the default plus ``reflection.max_tokens=<--short-tokens>``;
+- ``amr_sd/skip+short+follow_up``: plus ``reflection.request=follow_up``: the request is a
+  next user turn after the rollout, prefilled on top of the rollout's KV cache, so the
+  question and the attempt are not computed a second time.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def variants(short_tokens: int) -> dict[str, tuple[str, ...]]:
                             "reflection.max_tokens=96"),
         "amr_sd/skip": ("method=amr_sd", "reflection.max_tokens=96"),
         "amr_sd/skip+short": ("method=amr_sd", f"reflection.max_tokens={short_tokens}"),
+        "amr_sd/skip+short+follow_up": ("method=amr_sd", f"reflection.max_tokens={short_tokens}",
+                                        "reflection.request=follow_up"),
     }
 
 

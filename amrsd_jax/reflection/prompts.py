@@ -6,6 +6,10 @@ Neither may state the final answer. The prompt sees the question, the rollout, t
 verifier outcome (and its feedback when the task gives one) and, when one exists, a
 verifier-approved peer rollout from the same group (never the rollout itself); a
 reference solution only when the config enables that source.
+
+The request is either a new conversation that quotes the question and the attempt
+(:func:`reflection_prompt`) or a follow-up turn in the attempt's own conversation
+(:func:`follow_up_reflection_prompt`), whose prefill can reuse the rollout's KV cache.
 """
 
 from __future__ import annotations
@@ -35,9 +39,18 @@ class ReflectionInputs:
 
 def reflection_prompt(inputs: ReflectionInputs) -> str:
     """The user message asking the policy for its hint or critique."""
-    parts = [f"Problem:\n{inputs.question.strip()}",
-             f"Attempt:\n{inputs.rollout.strip()}",
-             "Verifier: the attempt's final answer is "
+    return "\n\n".join([f"Problem:\n{inputs.question.strip()}",
+                        f"Attempt:\n{inputs.rollout.strip()}", *_review(inputs)])
+
+
+def follow_up_reflection_prompt(inputs: ReflectionInputs) -> str:
+    """The same request as a follow-up user turn after the attempt itself (the question
+    and the attempt are the conversation so far, so they are not repeated)."""
+    return "\n\n".join(_review(inputs))
+
+
+def _review(inputs: ReflectionInputs) -> list[str]:
+    parts = ["Verifier: the attempt's final answer is "
              + ("correct." if inputs.correct else "incorrect.")]
     if inputs.feedback and not inputs.correct:
         parts.append(f"Verifier feedback: {inputs.feedback.strip()}")
@@ -46,4 +59,4 @@ def reflection_prompt(inputs: ReflectionInputs) -> str:
     if inputs.reference_solution:
         parts.append(f"Reference solution:\n{inputs.reference_solution.strip()}")
     parts.append(HINT_INSTRUCTION if inputs.correct else CRITIQUE_INSTRUCTION)
-    return "\n\n".join(parts)
+    return parts

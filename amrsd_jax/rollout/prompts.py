@@ -60,3 +60,46 @@ def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
             ids[b, width - len(row):] = row
             mask[b, width - len(row):] = 1
     return EncodedPrompts(ids, mask, tuple(kept), skipped, truncated)
+
+
+_TURN_MARK = "\x00AMRSD_TURN\x00"
+
+
+def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequence[bool],
+                     stop_ids: Sequence[int], *, max_tokens: int,
+                     system_prompt: str | None = None,
+                     buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedPrompts:
+    """Tokens that continue an assistant turn with a new user ``messages[i]`` and the next
+    assistant header, as the chat template renders them (``[batch, width]`` left-padded).
+
+    They are appended to a generated response (see
+    :func:`amrsd_jax.rollout.sampler.continue_generation`). The template's end-of-turn token
+    is dropped for rows whose response already ended with a stop token
+    (``ended_with_stop[i]``), and kept to close the turn of a response cut at the length
+    limit. Longer than ``max_tokens``: the last ``max_tokens`` are kept (``truncated``).
+    """
+    from ..models.tokenizer import apply_chat_template
+
+    # the text after the assistant turn does not depend on the turns before it
+    convs = [[{"role": "user", "content": "?"}, {"role": "assistant", "content": _TURN_MARK},
+              {"role": "user", "content": m}] for m in messages]
+    texts = apply_chat_template(tokenizer, convs, system_prompt=system_prompt)
+    tails = [t.split(_TURN_MARK, 1)[1] for t in texts]
+    rows = tokenizer(tails, add_special_tokens=False)["input_ids"] if tails else []
+    stops, out_rows, truncated = set(int(s) for s in stop_ids), [], 0
+    for row, ended in zip(rows, ended_with_stop):
+        if ended and row and row[0] in stops:
+            row = row[1:]
+        if len(row) > max_tokens:
+            row, truncated = row[-max_tokens:], truncated + 1
+        out_rows.append(row)
+    longest = max((len(r) for r in out_rows), default=1)
+    width = bucket_length(longest, buckets) if buckets else longest
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(out_rows), width), pad, np.int32)
+    mask = np.zeros((len(out_rows), width), np.int32)
+    for b, row in enumerate(out_rows):
+        if row:
+            ids[b, width - len(row):] = row
+            mask[b, width - len(row):] = 1
+    return EncodedPrompts(ids, mask, tuple(range(len(out_rows))), 0, truncated)

@@ -131,26 +131,26 @@ def _next_token(logits, key, temperature, top_p, *, greedy, top_k, use_top_p):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperature, top_p,
-              new_token_limit, pad_id, *, max_new_tokens, greedy, top_k, use_top_p):
-    model: Decoder = nnx.merge(graphdef, state)
-    batch, prompt_len = prompt_ids.shape
-    slots = prompt_len + max_new_tokens
-    pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+class KVState(NamedTuple):
+    """The sampler's KV cache after a generation, to continue the same rows later.
 
-    cache = init_cache(model.config, batch, slots)
-    kv_mask = jnp.concatenate(
-        [prompt_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
-    hidden, cache = model.hidden_states(model.embed(prompt_ids), kv_mask,
-                                        positions=positions_from_mask(prompt_mask),
-                                        cache=cache, cache_index=0)
-    key, sub = jax.random.split(key)
-    # left padding puts every row's last prompt token in the last column: only its logits
-    token, logp = pick(model.logits(hidden[:, -1]), sub, temperature, top_p)
-    next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    cache: per-layer :class:`LayerCache`, ``[batch, slots, kv_heads, head_dim]``.
+    kv_mask: ``[batch, slots]`` 1 for the slots holding the prompt and the response tokens
+      (slots after a row stopped hold junk and are 0).
+    next_pos: ``[batch]`` RoPE position of the row's next token (prompt + response length).
+    """
 
+    cache: tuple
+    kv_mask: jax.Array
+    next_pos: jax.Array
+
+
+def _decode(model, pick, cache, kv_mask, token, logp, next_pos, first_slot, key, stop_ids,
+            temperature, top_p, new_token_limit, pad_id, max_new_tokens):
+    """Decode loop: record ``token`` (drawn from the last prefill column), feed it into slot
+    ``first_slot + i``, draw the next, until every row stopped or the limit is reached.
+    Returns ``(SampleOutput, cache)``."""
+    batch = token.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
     resp_mask = jnp.zeros((batch, max_new_tokens), jnp.int32)
@@ -168,7 +168,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
         resp_mask = resp_mask.at[:, i].set(live.astype(jnp.int32))
         done = done | jnp.any(token[:, None] == stop_ids, axis=-1)
         # feed the token just emitted to get the distribution of the next one
-        slot = prompt_len + i
+        slot = first_slot + i
         kv_mask = kv_mask.at[:, slot].set(1)
         logits, cache = model.forward(token[:, None], kv_mask, positions=pos[:, None],
                                       cache=cache, cache_index=slot)
@@ -181,7 +181,73 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
              resp_mask, key)
     carry = jax.lax.while_loop(cond, body, carry)
     tokens, logprobs, resp_mask = carry[7], carry[8], carry[9]
-    return SampleOutput(tokens, resp_mask, logprobs, jnp.sum(resp_mask, axis=-1), carry[0])
+    out = SampleOutput(tokens, resp_mask, logprobs, jnp.sum(resp_mask, axis=-1), carry[0])
+    return out, carry[6]
+
+
+def _final_state(cache, context_mask, out: SampleOutput) -> KVState:
+    """The cache with only the context and the recorded response tokens marked valid."""
+    kv_mask = jnp.concatenate([context_mask.astype(jnp.int32), out.mask], axis=1)
+    return KVState(cache, kv_mask, jnp.sum(kv_mask, axis=-1).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p", "return_state"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperature, top_p,
+              new_token_limit, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
+              return_state=False):
+    model: Decoder = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_ids.shape
+    slots = prompt_len + max_new_tokens
+    pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+    cache = init_cache(model.config, batch, slots)
+    kv_mask = jnp.concatenate(
+        [prompt_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+    hidden, cache = model.hidden_states(model.embed(prompt_ids), kv_mask,
+                                        positions=positions_from_mask(prompt_mask),
+                                        cache=cache, cache_index=0)
+    key, sub = jax.random.split(key)
+    # left padding puts every row's last prompt token in the last column: only its logits
+    token, logp = pick(model.logits(hidden[:, -1]), sub, temperature, top_p)
+    next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    out, cache = _decode(model, pick, cache, kv_mask, token, logp, next_pos, prompt_len, key,
+                         stop_ids, temperature, top_p, new_token_limit, pad_id, max_new_tokens)
+    if not return_state:
+        return out
+    return out, _final_state(cache, prompt_mask, out)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p"))
+def _continue(graphdef, state, prior: KVState, rows, suffix_ids, suffix_mask, stop_ids, key,
+              temperature, top_p, new_token_limit, pad_id, *, max_new_tokens, greedy, top_k,
+              use_top_p):
+    model: Decoder = nnx.merge(graphdef, state)
+    batch, suffix_len = suffix_ids.shape
+    pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    # the chosen rows' caches, with room for the suffix and the new tokens after them
+    extra = suffix_len + max_new_tokens
+    cache = jax.tree.map(
+        lambda c: jnp.pad(jnp.take(c, rows, axis=0),
+                          ((0, 0), (0, extra)) + ((0, 0),) * (c.ndim - 2)), prior.cache)
+    first = prior.kv_mask.shape[1]
+    kv_mask = jnp.concatenate([jnp.take(prior.kv_mask, rows, axis=0),
+                               suffix_mask.astype(jnp.int32),
+                               jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+    start = jnp.take(prior.next_pos, rows)
+    # the suffix continues each row's positions; the hole between a row's last token and
+    # its (left-padded) suffix is masked out, so it costs compute but changes nothing
+    positions = start[:, None] + positions_from_mask(suffix_mask)
+    hidden, cache = model.hidden_states(model.embed(suffix_ids), kv_mask, positions=positions,
+                                        cache=cache, cache_index=first)
+    key, sub = jax.random.split(key)
+    token, logp = pick(model.logits(hidden[:, -1]), sub, temperature, top_p)
+    next_pos = start + jnp.sum(suffix_mask, axis=-1).astype(jnp.int32)
+    out, _ = _decode(model, pick, cache, kv_mask, token, logp, next_pos, first + suffix_len,
+                     key, stop_ids, temperature, top_p, new_token_limit, pad_id,
+                     max_new_tokens)
+    return out
 
 
 def _stop_matrix(stop_tokens, batch: int) -> np.ndarray:
@@ -214,7 +280,7 @@ def left_pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int):
 def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
              config: SamplingConfig = SamplingConfig(), *, stop_tokens=None,
              pad_id: int | None = None, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-             mesh=None) -> SampleOutput:
+             mesh=None, return_state: bool = False):
     """Sample continuations of left-padded prompts.
 
     Args:
@@ -228,9 +294,12 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
         compiles a handful of programs; ``None`` disables bucketing.
       mesh: if given, the batch is split over its ``data`` x ``fsdp`` axes (parameters
         should already be sharded with :func:`amrsd_jax.sharding.shard_model`).
+      return_state: also return the :class:`KVState`, to continue these rows with
+        :func:`continue_generation` without recomputing their prompt and response.
 
     Returns:
-      :class:`SampleOutput` with ``N = config.max_new_tokens`` columns.
+      :class:`SampleOutput` with ``N = config.max_new_tokens`` columns (and the
+      :class:`KVState` with ``return_state``).
     """
     cfg = model.config
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
@@ -252,11 +321,70 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
         ids, mask, stops = shard_batch((ids, mask, stops), mesh)
     graphdef, state = nnx.split(model)
     out = _generate(
-        graphdef, state, ids, mask, stops, key,
-        jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
-        jnp.int32(config.max_new_tokens), jnp.int32(pad_id),
+        graphdef, state, ids, mask, stops, key, *_sampling_args(config, pad_id),
         max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
-        use_top_p=config.top_p < 1.0)
-    n = config.max_new_tokens
+        use_top_p=config.top_p < 1.0, return_state=return_state)
+    if return_state:
+        out, kv_state = out
+        return _trim(out, config.max_new_tokens), kv_state
+    return _trim(out, config.max_new_tokens)
+
+
+def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix_mask,
+                        key: jax.Array, config: SamplingConfig = SamplingConfig(), *,
+                        stop_tokens=None, pad_id: int | None = None,
+                        buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                        mesh=None) -> SampleOutput:
+    """Append ``suffix`` tokens to earlier generations and sample after them.
+
+    The prompt and response of each chosen row are already in ``prior``'s KV cache (from
+    ``generate(..., return_state=True)``), so only the suffix is prefilled: a follow-up
+    turn costs its own tokens, not the whole conversation again. Equivalent to
+    :func:`generate` on ``prompt + response + suffix`` (same tokens under greedy decoding).
+
+    Args:
+      prior: the :class:`KVState` of the earlier generation, ``[B, slots]``.
+      rows: ``[batch]`` indices into ``prior`` (repeats allowed).
+      suffix_ids, suffix_mask: ``[batch, S]`` left-padded tokens to append to each row
+        (e.g. the end of the assistant turn, a new user turn and the assistant header).
+
+    Returns:
+      :class:`SampleOutput` of the new tokens, ``N = config.max_new_tokens`` columns.
+    """
+    cfg = model.config
+    suffix_ids, suffix_mask = np.asarray(suffix_ids), np.asarray(suffix_mask)
+    rows = np.asarray(rows, np.int32)
+    if suffix_ids.ndim != 2 or suffix_ids.shape != suffix_mask.shape \
+            or rows.shape != suffix_ids.shape[:1]:
+        raise ValueError(f"rows {rows.shape}, suffix_ids {suffix_ids.shape} and suffix_mask "
+                         f"{suffix_mask.shape} must be [batch] and [batch, time]")
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+    if stop_tokens is None:
+        stop_tokens = list(cfg.eos_token_ids)
+    batch = suffix_ids.shape[0]
+    suffix_len = bucket_length(suffix_ids.shape[1], buckets) if buckets else suffix_ids.shape[1]
+    new_tokens = bucket_length(config.max_new_tokens, buckets) if buckets else config.max_new_tokens
+    ids, mask = left_pad_to(suffix_ids, suffix_mask, suffix_len, pad_id)
+    stops = _stop_matrix(stop_tokens, batch)
+    if mesh is not None:
+        from ..sharding import shard_batch
+
+        ids, mask, stops, rows = shard_batch((ids, mask, stops, rows), mesh)
+    graphdef, state = nnx.split(model)
+    out = _continue(graphdef, state, prior, rows, ids, mask, stops, key,
+                    *_sampling_args(config, pad_id), max_new_tokens=new_tokens,
+                    greedy=config.is_greedy, top_k=config.top_k, use_top_p=config.top_p < 1.0)
+    return _trim(out, config.max_new_tokens)
+
+
+def _sampling_args(config: SamplingConfig, pad_id: int) -> tuple:
+    """``temperature, top_p, new_token_limit, pad_id`` as traced scalars."""
+    return (jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
+            jnp.int32(config.max_new_tokens), jnp.int32(pad_id))
+
+
+def _trim(out: SampleOutput, n: int) -> SampleOutput:
+    """Drop the columns the bucketed ``max_new_tokens`` added."""
     return SampleOutput(out.tokens[:, :n], out.mask[:, :n], out.logprobs[:, :n], out.lengths,
                         out.num_steps)

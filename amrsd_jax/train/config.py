@@ -131,11 +131,18 @@ class ReflectionConfig:
     # nothing once the gate is annealed to 0. Exact: the loss is unchanged; skipped rows
     # carry CIG 0 in the logged quantiles.
     skip_uninformative: bool = True
+    # standalone: a new conversation quoting the question and the attempt | follow_up: a
+    # next user turn after the attempt, prefilled on top of the rollout's KV cache (only
+    # the request's own tokens are computed; the cache is kept until the reflections exist)
+    request: str = "standalone"
 
     def __post_init__(self):
         if self.source not in ("self", "raw_peer"):
             raise ValueError(f"reflection.source must be 'self' or 'raw_peer', got "
                              f"{self.source!r}")
+        if self.request not in ("standalone", "follow_up"):
+            raise ValueError(f"reflection.request must be 'standalone' or 'follow_up', got "
+                             f"{self.request!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 from ..reflection.contexts import (amr_sd_teacher_prompt, rlsd_teacher_prompt,
                                    sdpo_teacher_prompt, select_peer)
 from ..reflection.leak_guard import redact_answer
-from ..reflection.prompts import ReflectionInputs, reflection_prompt
+from ..reflection.prompts import ReflectionInputs, follow_up_reflection_prompt, reflection_prompt
 from ..rewards import VerifierResult, score_batch
 
 
@@ -102,14 +102,18 @@ def group_peer(index: int, texts: Sequence[str], verified: Verified,
 
 def reflection_messages(questions: Sequence[str], texts: Sequence[str], verified: Verified,
                         group_size: int, *, use_peer: bool = True,
-                        reference_solutions: Sequence[str | None] | None = None) -> list[str]:
+                        reference_solutions: Sequence[str | None] | None = None,
+                        follow_up: bool = False) -> list[str]:
     """One reflection request per rollout (hint if correct, critique if not), with the
-    privileged inputs of SPEC.md; the peer is another verifier-approved rollout of the group."""
+    privileged inputs of SPEC.md; the peer is another verifier-approved rollout of the group.
+    ``follow_up``: the request as a next user turn after the rollout (question and attempt
+    not repeated)."""
+    render = follow_up_reflection_prompt if follow_up else reflection_prompt
     out = []
     for i, (question, text) in enumerate(zip(questions, texts)):
         peer = group_peer(i, texts, verified, group_size) if use_peer else None
         res = verified.results[i]
-        out.append(reflection_prompt(ReflectionInputs(
+        out.append(render(ReflectionInputs(
             question=question, rollout=text, correct=bool(verified.correct[i]),
             feedback=res.feedback or None, peer_solution=peer,
             reference_solution=reference_solutions[i] if reference_solutions else None)))

@@ -32,8 +32,8 @@ from flax import nnx
 from ..credit.registry import get_method
 from ..data import PromptStream
 from ..reflection.contexts import amr_sd_teacher_prompt, raw_peer_teacher_prompt
-from ..rollout.prompts import encode_chat
-from ..rollout.sampler import SamplingConfig, generate
+from ..rollout.prompts import encode_chat, encode_follow_up
+from ..rollout.sampler import SamplingConfig, continue_generation, generate
 from ..scoring import make_scorer, outcome_importance
 from ..sharding import make_mesh
 from ..update import (StepConfig, ema_update, init_train_state, make_optimizer,
@@ -216,12 +216,26 @@ class Trainer:
                                    answer_mask, key)
 
     # ------------------------------------------------------------------ one iteration
-    def _sample(self, ids, mask, key, *, max_new_tokens, temperature, top_p=1.0, top_k=0):
+    def _sample(self, ids, mask, key, *, max_new_tokens, temperature, top_p=1.0, top_k=0,
+                keep_cache=False):
+        """Host-side :class:`SampleOutput`; with ``keep_cache`` also the device-side
+        :class:`KVState` to continue these rows (:meth:`_continue`)."""
         nnx.update(self.model, self.state.params)
         out = generate(self.model, ids, mask, key,
                        SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, top_k=top_k),
-                       stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
+                       stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
+                       return_state=keep_cache)
+        if keep_cache:
+            return jax.tree.map(_to_host, out[0]), out[1]
+        return jax.tree.map(_to_host, out)
+
+    def _continue(self, kv_state, rows, ids, mask, key, *, max_new_tokens, temperature,
+                  top_p=1.0):
+        out = continue_generation(self.model, kv_state, rows, ids, mask, key,
+                                  SamplingConfig(max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, top_p=top_p),
+                                  stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
         return jax.tree.map(_to_host, out)
 
     def _teacher_tokens(self, messages: list[str | None], fallback_ids, fallback_mask):
@@ -244,13 +258,15 @@ class Trainer:
         return settings.decay_steps is None or int(self.state.step) < settings.decay_steps
 
     def _reflection_teacher(self, questions, texts, verified, rewards, golds, examples, key,
-                            host):
+                            host, rollout=None, kv_state=None):
         """AMR-SD's teacher prompts for the rows that need one.
 
         Returns ``((ids, mask, valid), rows)``: left-padded teacher prompts for ``rows``
         (padded up to a bucket of rows, see :func:`_bucket_rows`) and the row indices they
         belong to. With ``reflection.skip_uninformative`` only rows of groups with unequal
-        rewards are reflected on, and none once the gate is annealed to 0.
+        rewards are reflected on, and none once the gate is annealed to 0. With
+        ``reflection.request=follow_up`` the requests continue the rollouts' conversations
+        from ``kv_state`` (``rollout`` is the rollouts' :class:`SampleOutput`).
         """
         cfg, G = self.config, self.config.rollout.group_size
         B = len(texts)
@@ -270,17 +286,29 @@ class Trainer:
             messages = []
             if len(rows):
                 padded = _bucket_rows(rows, self._row_quantum, B)
+                follow_up = cfg.reflection.request == "follow_up"
+                if follow_up and kv_state is None:
+                    raise ValueError("reflection.request=follow_up needs the rollouts' KV cache")
                 requests = rollouts.reflection_messages(
                     questions, texts, verified, G, use_peer=cfg.reflection.use_peer,
                     reference_solutions=[ex.get("solution") for ex in examples]
-                    if cfg.reflection.use_reference_solution else None)
-                enc = encode_chat(self.tokenizer, [requests[i] for i in padded],
-                                  max_tokens=cfg.reflection.max_prompt_tokens,
-                                  system_prompt=cfg.model.system_prompt, on_long="truncate")
-                r_out = self._sample(enc.ids, enc.mask, key,
-                                     max_new_tokens=cfg.reflection.max_tokens,
-                                     temperature=cfg.reflection.temperature,
-                                     top_p=cfg.reflection.top_p)
+                    if cfg.reflection.use_reference_solution else None, follow_up=follow_up)
+                sampling = dict(max_new_tokens=cfg.reflection.max_tokens,
+                                temperature=cfg.reflection.temperature,
+                                top_p=cfg.reflection.top_p)
+                if follow_up:  # only the new turn is prefilled, on the rollout's cache
+                    last = rollout.tokens[padded, np.maximum(rollout.lengths[padded] - 1, 0)]
+                    ended = (rollout.lengths[padded] > 0) & np.isin(last, self.stop_ids)
+                    enc = encode_follow_up(self.tokenizer, [requests[i] for i in padded],
+                                           ended, self.stop_ids,
+                                           max_tokens=cfg.reflection.max_prompt_tokens,
+                                           system_prompt=cfg.model.system_prompt)
+                    r_out = self._continue(kv_state, padded, enc.ids, enc.mask, key, **sampling)
+                else:
+                    enc = encode_chat(self.tokenizer, [requests[i] for i in padded],
+                                      max_tokens=cfg.reflection.max_prompt_tokens,
+                                      system_prompt=cfg.model.system_prompt, on_long="truncate")
+                    r_out = self._sample(enc.ids, enc.mask, key, **sampling)
                 n = len(rows)
                 raw = rollouts.decode_responses(self.tokenizer, r_out.tokens[:n],
                                                 r_out.lengths[:n])
@@ -321,10 +349,15 @@ class Trainer:
             prompt_rows = [self.train_data.prompt_tokens[i] for i in idx for _ in range(G)]
             prompt_ids, prompt_mask = left_padded(prompt_rows, self.train_data.width,
                                                   self.pad_id)
+            # AMR-SD's follow-up reflection requests continue the rollouts' KV cache
+            keep_cache = (self.method.teacher_context == "reflection"
+                          and cfg.reflection.request == "follow_up"
+                          and cfg.reflection.source == "self")
             out = self._sample(prompt_ids, prompt_mask, k_roll,
                                max_new_tokens=cfg.rollout.max_new_tokens,
                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                               top_k=cfg.rollout.top_k)
+                               top_k=cfg.rollout.top_k, keep_cache=keep_cache)
+            out, kv_state = out if keep_cache else (out, None)
             texts = rollouts.decode_responses(self.tokenizer, out.tokens, out.lengths)
             golds = [str(ex["answer"]) for ex in examples]
             verified = rollouts.verify(texts, golds, reward=cfg.reward.name,
@@ -352,7 +385,8 @@ class Trainer:
         if self.method.teacher_context == "reflection":
             with timer("reflect"):
                 teacher, teacher_rows = self._reflection_teacher(
-                    questions, texts, verified, rewards, golds, examples, k_reflect, host)
+                    questions, texts, verified, rewards, golds, examples, k_reflect, host,
+                    rollout=out, kv_state=kv_state)
         elif self.method.teacher_context is not None:
             with timer("reflect"):
                 messages = rollouts.teacher_messages(
@@ -362,6 +396,7 @@ class Trainer:
                 teacher = (t_ids, t_mask, t_valid)
                 host["teacher_valid_frac"] = float(t_valid.mean())
 
+        kv_state = None  # the rollout cache is not needed past the reflections
         with timer("score"):
             params = self.state.params
             lp_old, entropy = self.scorer(params, prompt_ids, prompt_mask, out.tokens,
