@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from amrsd_jax.models import load_checkpoint, save_checkpoint
-from amrsd_jax.rollout import SamplingConfig, generate
+from amrsd_jax.rollout import SamplingConfig, continue_generation, generate
 from amrsd_jax.sharding import make_mesh, shard_batch, shard_model
 
 from conftest import tiny_model
@@ -40,6 +40,28 @@ def test_sharded_sampling_equals_single_device(shape):
     out = generate(model, IDS, MASK, jax.random.key(3), cfg, stop_tokens=[5], mesh=mesh)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_continuation_equals_single_device(shape):
+    """A follow-up turn on the rollouts' sharded KV cache, for a gathered subset of rows."""
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    rows = np.array([7, 0, 0, 3, 5, 2, 2, 6])
+    suffix = np.random.default_rng(8).integers(4, 96, (8, 4)).astype(np.int32)
+    suffix_mask = np.ones_like(suffix)
+    suffix_mask[1::3, :2] = 0
+
+    def run(model, mesh):
+        _, state = generate(model, IDS, MASK, jax.random.key(3), cfg, stop_tokens=[5],
+                            mesh=mesh, return_state=True)
+        return continue_generation(model, state, rows, suffix, suffix_mask, jax.random.key(4),
+                                   cfg, stop_tokens=[5], mesh=mesh)
+
+    ref = run(tiny_model(seed=1), None)
+    mesh = make_mesh(*shape)
+    out = run(shard_model(tiny_model(seed=1), mesh), mesh)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=2e-5)
 
 

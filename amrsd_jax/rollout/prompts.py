@@ -50,16 +50,23 @@ def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
             truncated += 1
         kept.append(i)
         out_rows.append(row)
-    longest = max((len(r) for r in out_rows), default=1)
+    ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets)
+    return EncodedPrompts(ids, mask, tuple(kept), skipped, truncated)
+
+
+def _left_pad_bucketed(tokenizer, rows: Sequence[Sequence[int]], buckets):
+    """``[len(rows), width]`` left-padded ids and mask; the width is the longest row rounded
+    up to a bucket."""
+    longest = max((len(r) for r in rows), default=1)
     width = bucket_length(longest, buckets) if buckets else longest
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(out_rows), width), pad, np.int32)
-    mask = np.zeros((len(out_rows), width), np.int32)
-    for b, row in enumerate(out_rows):
-        if row:
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        if len(row):
             ids[b, width - len(row):] = row
             mask[b, width - len(row):] = 1
-    return EncodedPrompts(ids, mask, tuple(kept), skipped, truncated)
+    return ids, mask
 
 
 _TURN_MARK = "\x00AMRSD_TURN\x00"
@@ -93,13 +100,5 @@ def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequen
         if len(row) > max_tokens:
             row, truncated = row[-max_tokens:], truncated + 1
         out_rows.append(row)
-    longest = max((len(r) for r in out_rows), default=1)
-    width = bucket_length(longest, buckets) if buckets else longest
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(out_rows), width), pad, np.int32)
-    mask = np.zeros((len(out_rows), width), np.int32)
-    for b, row in enumerate(out_rows):
-        if row:
-            ids[b, width - len(row):] = row
-            mask[b, width - len(row):] = 1
+    ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets)
     return EncodedPrompts(ids, mask, tuple(range(len(out_rows))), 0, truncated)

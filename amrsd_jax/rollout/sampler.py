@@ -5,6 +5,10 @@ mode): prefill writes the left-padded prompt into cache slots ``[0, P)``, then a
 ``lax.while_loop`` decodes one token per step into slots ``P, P+1, ...`` and stops as soon
 as every row has produced one of its stop tokens.
 
+``generate(..., return_state=True)`` also returns the cache (:class:`KVState`), and
+:func:`continue_generation` appends a follow-up turn to chosen rows and samples after it,
+prefilling only the new tokens: AMR-SD's reflection request reuses the rollout's cache.
+
 Log-probs returned are those of the distribution the token was drawn from *before*
 top-k/top-p truncation: ``log_softmax(logits / temperature)`` (``log_softmax(logits)`` when
 greedy). That is the policy's own probability at that temperature, the quantity an
@@ -301,20 +305,12 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
       :class:`SampleOutput` with ``N = config.max_new_tokens`` columns (and the
       :class:`KVState` with ``return_state``).
     """
-    cfg = model.config
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} "
                          "must both be [batch, time]")
-    if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
-    if stop_tokens is None:
-        stop_tokens = list(cfg.eos_token_ids)
-    batch = prompt_ids.shape[0]
-    prompt_len = bucket_length(prompt_ids.shape[1], buckets) if buckets else prompt_ids.shape[1]
-    new_tokens = bucket_length(config.max_new_tokens, buckets) if buckets else config.max_new_tokens
-    ids, mask = left_pad_to(prompt_ids, prompt_mask, prompt_len, pad_id)
-    stops = _stop_matrix(stop_tokens, batch)
+    ids, mask, stops, pad_id, new_tokens = _host_inputs(
+        model.config, prompt_ids, prompt_mask, config, stop_tokens, pad_id, buckets)
     if mesh is not None:
         from ..sharding import shard_batch
 
@@ -351,22 +347,14 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
     Returns:
       :class:`SampleOutput` of the new tokens, ``N = config.max_new_tokens`` columns.
     """
-    cfg = model.config
     suffix_ids, suffix_mask = np.asarray(suffix_ids), np.asarray(suffix_mask)
     rows = np.asarray(rows, np.int32)
     if suffix_ids.ndim != 2 or suffix_ids.shape != suffix_mask.shape \
             or rows.shape != suffix_ids.shape[:1]:
         raise ValueError(f"rows {rows.shape}, suffix_ids {suffix_ids.shape} and suffix_mask "
                          f"{suffix_mask.shape} must be [batch] and [batch, time]")
-    if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
-    if stop_tokens is None:
-        stop_tokens = list(cfg.eos_token_ids)
-    batch = suffix_ids.shape[0]
-    suffix_len = bucket_length(suffix_ids.shape[1], buckets) if buckets else suffix_ids.shape[1]
-    new_tokens = bucket_length(config.max_new_tokens, buckets) if buckets else config.max_new_tokens
-    ids, mask = left_pad_to(suffix_ids, suffix_mask, suffix_len, pad_id)
-    stops = _stop_matrix(stop_tokens, batch)
+    ids, mask, stops, pad_id, new_tokens = _host_inputs(
+        model.config, suffix_ids, suffix_mask, config, stop_tokens, pad_id, buckets)
     if mesh is not None:
         from ..sharding import shard_batch
 
@@ -376,6 +364,19 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
                     *_sampling_args(config, pad_id), max_new_tokens=new_tokens,
                     greedy=config.is_greedy, top_k=config.top_k, use_top_p=config.top_p < 1.0)
     return _trim(out, config.max_new_tokens)
+
+
+def _host_inputs(cfg, ids, mask, config: SamplingConfig, stop_tokens, pad_id, buckets):
+    """Bucketed, left-padded ``ids, mask``, the stop matrix, the pad id and the bucketed
+    number of new tokens (defaults from the model config)."""
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+    if stop_tokens is None:
+        stop_tokens = list(cfg.eos_token_ids)
+    width = bucket_length(ids.shape[1], buckets) if buckets else ids.shape[1]
+    new_tokens = bucket_length(config.max_new_tokens, buckets) if buckets else config.max_new_tokens
+    ids, mask = left_pad_to(ids, mask, width, pad_id)
+    return ids, mask, _stop_matrix(stop_tokens, ids.shape[0]), pad_id, new_tokens
 
 
 def _sampling_args(config: SamplingConfig, pad_id: int) -> tuple:
