@@ -6,4 +6,5 @@ from .prompts import ReflectionInputs, follow_up_reflection_prompt, reflection_p
 from .leak_guard import REDACTION, redact_answer
 
 __all__ = ["REDACTION", "ReflectionInputs", "amr_sd_teacher_prompt",
-           "follow_up_reflection_prompt", "redact_answer", "reflection_prompt", "rlsd_teacher_prompt", "sdpo_teacher_prompt", "select_peer"]
+           "follow_up_reflection_prompt", "redact_answer", "reflection_prompt",
+           "rlsd_teacher_prompt", "sdpo_teacher_prompt", "select_peer"]

@@ -55,12 +55,18 @@ def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
 
 
 def _left_pad_bucketed(tokenizer, rows: Sequence[Sequence[int]], buckets):
-    """``[len(rows), width]`` left-padded ids and mask; the width is the longest row rounded
-    up to a bucket."""
+    """:func:`left_padded` to the longest row rounded up to a bucket, with the tokenizer's
+    pad id."""
     longest = max((len(r) for r in rows), default=1)
     width = bucket_length(longest, buckets) if buckets else longest
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(rows), width), pad, np.int32)
+    return left_padded(rows, width, pad)
+
+
+def left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray,
+                                                                                 np.ndarray]:
+    """``[len(rows), width]`` int32 ids and mask, each row right-aligned."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for b, row in enumerate(rows):
         if len(row):

@@ -149,11 +149,19 @@ class KVState(NamedTuple):
     next_pos: jax.Array
 
 
-def _decode(model, pick, cache, kv_mask, token, logp, next_pos, first_slot, key, stop_ids,
-            temperature, top_p, new_token_limit, pad_id, max_new_tokens):
-    """Decode loop: record ``token`` (drawn from the last prefill column), feed it into slot
-    ``first_slot + i``, draw the next, until every row stopped or the limit is reached.
-    Returns ``(SampleOutput, cache)``."""
+def _prefill_and_decode(model, pick, input_ids, positions, cache, kv_mask, first_slot,
+                        next_pos, key, stop_ids, temperature, top_p, new_token_limit, pad_id,
+                        max_new_tokens):
+    """Prefill left-padded ``input_ids`` into cache slots ``first_slot, ...``, draw the first
+    new token, then decode one token per step until every row stopped or the limit is
+    reached. ``kv_mask`` covers every slot; ``next_pos [batch]`` is the position of the first
+    new token. Returns ``(SampleOutput, cache)``."""
+    hidden, cache = model.hidden_states(model.embed(input_ids), kv_mask, positions=positions,
+                                        cache=cache, cache_index=first_slot)
+    key, sub = jax.random.split(key)
+    # left padding puts every row's last input token in the last column: only its logits
+    token, logp = pick(model.logits(hidden[:, -1]), sub, temperature, top_p)
+    first_slot = first_slot + input_ids.shape[1]
     batch = token.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
@@ -208,15 +216,10 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
     cache = init_cache(model.config, batch, slots)
     kv_mask = jnp.concatenate(
         [prompt_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
-    hidden, cache = model.hidden_states(model.embed(prompt_ids), kv_mask,
-                                        positions=positions_from_mask(prompt_mask),
-                                        cache=cache, cache_index=0)
-    key, sub = jax.random.split(key)
-    # left padding puts every row's last prompt token in the last column: only its logits
-    token, logp = pick(model.logits(hidden[:, -1]), sub, temperature, top_p)
     next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-    out, cache = _decode(model, pick, cache, kv_mask, token, logp, next_pos, prompt_len, key,
-                         stop_ids, temperature, top_p, new_token_limit, pad_id, max_new_tokens)
+    out, cache = _prefill_and_decode(
+        model, pick, prompt_ids, positions_from_mask(prompt_mask), cache, kv_mask, 0, next_pos,
+        key, stop_ids, temperature, top_p, new_token_limit, pad_id, max_new_tokens)
     if not return_state:
         return out
     return out, _final_state(cache, prompt_mask, out)
@@ -243,14 +246,10 @@ def _continue(graphdef, state, prior: KVState, rows, suffix_ids, suffix_mask, st
     # the suffix continues each row's positions; the hole between a row's last token and
     # its (left-padded) suffix is masked out, so it costs compute but changes nothing
     positions = start[:, None] + positions_from_mask(suffix_mask)
-    hidden, cache = model.hidden_states(model.embed(suffix_ids), kv_mask, positions=positions,
-                                        cache=cache, cache_index=first)
-    key, sub = jax.random.split(key)
-    token, logp = pick(model.logits(hidden[:, -1]), sub, temperature, top_p)
     next_pos = start + jnp.sum(suffix_mask, axis=-1).astype(jnp.int32)
-    out, _ = _decode(model, pick, cache, kv_mask, token, logp, next_pos, first + suffix_len,
-                     key, stop_ids, temperature, top_p, new_token_limit, pad_id,
-                     max_new_tokens)
+    out, _ = _prefill_and_decode(model, pick, suffix_ids, positions, cache, kv_mask, first,
+                                 next_pos, key, stop_ids, temperature, top_p, new_token_limit,
+                                 pad_id, max_new_tokens)
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..data import ArithmeticTask, FieldMap, load_local, render_prompt
-from ..rollout.prompts import encode_chat
+from ..rollout.prompts import encode_chat, left_padded
 from .config import DataConfig
 
 
@@ -77,18 +77,6 @@ def prepare(tokenizer, examples: Sequence[dict], cfg: DataConfig, *,
     # up to a multiple of 8 only, instead of wasting up to a third of every row on padding
     longest = max((len(t) for t in tokens), default=1)
     return PreparedData(kept, tokens, -(-longest // 8) * 8, enc.skipped, enc.truncated, 0, [])
-
-
-def left_padded(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """``[len(rows), width]`` int32 ids and mask, each row right-aligned."""
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for b, row in enumerate(rows):
-        if len(row):
-            ids[b, width - len(row):] = row
-            mask[b, width - len(row):] = 1
-    return ids, mask
 
 
 def encode_teacher_prompts(tokenizer, messages: Sequence[str | None], fallback_ids: np.ndarray,
