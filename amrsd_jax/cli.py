@@ -6,11 +6,21 @@ Subcommands import their heavy dependencies lazily so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _lazy(module: str):
+    """The handler of a subcommand that ``amrsd_jax.<module>.main(args)`` implements: the
+    module (and its heavy dependencies) is imported only when the subcommand runs."""
+    def run(args) -> int:
+        return importlib.import_module(f"{__package__}.{module}").main(args)
+
+    return run
 
 
 def _add_generate(sub):
@@ -41,8 +51,7 @@ def _add_bench(sub):
     g.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median)")
     g.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     g.add_argument("--out", default="bench_results/generate.json")
-    g.set_defaults(func=lambda a: __import__("amrsd_jax.bench.generate",
-                                             fromlist=["main"]).main(a))
+    g.set_defaults(func=_lazy("bench.generate"))
     s = bsub.add_parser("step", help="update-step tokens/s and MFU: GRPO vs AMR-SD, with the "
                                      "old-policy and teacher scoring passes")
     s.add_argument("--model", default=DEFAULT_MODEL)
@@ -54,8 +63,7 @@ def _add_bench(sub):
                    help="gradient-accumulation slices of the step (also the scoring chunks)")
     s.add_argument("--repeats", type=int, default=2, help="timed runs per phase (median)")
     s.add_argument("--out", default="bench_results/step.json")
-    s.set_defaults(func=lambda a: __import__("amrsd_jax.bench.step",
-                                             fromlist=["main"]).main(a))
+    s.set_defaults(func=_lazy("bench.step"))
     c = bsub.add_parser("compare", help="every method on the same task, budget and seeds, "
                                         "plus AMR-SD's tau sweep and ablations (JSON, PNG, "
                                         "table)")
@@ -71,8 +79,7 @@ def _add_bench(sub):
                    help="runs go to <out>/runs/; finished runs are reused")
     c.add_argument("--report-only", action="store_true",
                    help="only rebuild compare.json/.md/.png from the finished runs")
-    c.set_defaults(func=lambda a: __import__("amrsd_jax.bench.compare",
-                                             fromlist=["main"]).main(a))
+    c.set_defaults(func=_lazy("bench.compare"))
     o = bsub.add_parser("overhead", help="full AMR-SD step (reflection included) vs GRPO "
                                          "step, interleaved in one process, with its levers")
     o.add_argument("--config", default="configs/compare_cpu.yaml")
@@ -88,8 +95,7 @@ def _add_bench(sub):
                    help="persistent XLA cache (default <out>.xla_cache); reuse bench "
                         "compare's (<its out>/xla_cache) to keep compilation out of the timing")
     o.add_argument("--out", default="bench_results/overhead.json")
-    o.set_defaults(func=lambda a: __import__("amrsd_jax.bench.overhead",
-                                             fromlist=["main"]).main(a))
+    o.set_defaults(func=_lazy("bench.overhead"))
     _add_bench_ttsd(bsub)
 
 
@@ -123,7 +129,7 @@ def _add_ttsd(sub):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--verbose", action="store_true", help="print every attempt")
     p.add_argument("--out", default=None, help="write the record (JSON)")
-    p.set_defaults(func=lambda a: __import__("amrsd_jax.ttsd", fromlist=["main"]).main(a))
+    p.set_defaults(func=_lazy("ttsd"))
 
 
 def _add_bench_ttsd(bsub):
@@ -136,8 +142,7 @@ def _add_bench_ttsd(bsub):
                    help="held-out questions scanned (greedy) for ones the model fails")
     t.add_argument("--data-seed", type=int, default=0, help="arithmetic task seed")
     t.add_argument("--out", default="bench_results/ttsd.json")
-    t.set_defaults(func=lambda a: __import__("amrsd_jax.bench.ttsd",
-                                             fromlist=["main"]).main(a))
+    t.set_defaults(func=_lazy("bench.ttsd"))
 
 
 DEFAULT_PROMPTS = (

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from .credit.hapo import token_entropy
 from .models.decoder import Decoder
+from .sharding import DEFAULT_RULES, batch_sharding
 
 
 def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
@@ -44,11 +48,7 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
     if vocab_chunk is None or vocab_chunk >= vocab:
         logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
-        entropy = None
-        if with_entropy:
-            probs = jnp.exp(logits - log_z[..., None])
-            entropy = log_z - jnp.sum(probs * logits, axis=-1)
-        return target_logit - log_z, entropy
+        return target_logit - log_z, token_entropy(logits) if with_entropy else None
 
     num_chunks = -(-vocab // vocab_chunk)
     pad = num_chunks * vocab_chunk - vocab
@@ -81,6 +81,23 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
     return target_logit - log_z, entropy
 
 
+def _response_hidden(model: Decoder, prompt_ids, prompt_mask, response_ids, response_mask):
+    """Final hidden states ``[batch, N, hidden]`` at the positions that predict the
+    response: position t predicts token t + 1, so columns ``P-1 .. P+N-2``."""
+    p = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    hidden, _ = model.hidden_states(model.embed(ids), mask)
+    return hidden[:, p - 1:-1]
+
+
+def response_logits(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                    response_ids: jax.Array, response_mask: jax.Array) -> jax.Array:
+    """Full logits ``[batch, N, vocab]`` at the response positions (SDPO's distillation)."""
+    hidden = _response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    return model.logits(hidden)
+
+
 def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
                       response_ids: jax.Array, response_mask: jax.Array, *,
                       vocab_chunk: int | None = None, with_entropy: bool = False):
@@ -95,12 +112,7 @@ def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Ar
       ``(logprobs [batch, N], entropy [batch, N] or None)``, zero where ``response_mask``
       is 0. Only the ``N`` response positions go through the vocabulary projection.
     """
-    p = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    hidden, _ = model.hidden_states(model.embed(ids), mask)
-    # position t predicts token t + 1: the response is predicted from columns P-1 .. P+N-2
-    hidden = hidden[:, p - 1:-1]
+    hidden = _response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
     lp, entropy = token_logprobs_from_hidden(hidden, model.output_embedding(), response_ids,
                                              vocab_chunk=vocab_chunk, with_entropy=with_entropy,
                                              compute_dtype=model.config.dtype)
@@ -121,10 +133,6 @@ def make_scorer(model: Decoder, mesh=None, *, vocab_chunk: int | None = None,
     the batch is split over ``data`` x ``fsdp`` and parameters keep their sharding. Each
     (prompt length, response length) bucket compiles once.
     """
-    from flax import nnx
-
-    from .sharding import DEFAULT_RULES, batch_sharding
-
     graphdef, _, other = nnx.split(model, nnx.Param, ...)
 
     def score(params, prompt_ids, prompt_mask, response_ids, response_mask):
@@ -145,8 +153,6 @@ def check_aligned_responses(student_response_ids, teacher_response_ids) -> None:
 
     Raises ``ValueError`` naming the first differing row; both inputs ``[batch, N]``.
     """
-    import numpy as np
-
     a, b = np.asarray(student_response_ids), np.asarray(teacher_response_ids)
     if a.shape != b.shape:
         raise ValueError(f"teacher responses {b.shape} and student responses {a.shape} differ "
@@ -155,47 +161,3 @@ def check_aligned_responses(student_response_ids, teacher_response_ids) -> None:
     if bad.size:
         raise ValueError(f"teacher and student response tokens differ in rows {bad[:8].tolist()}"
                          ": the context must be inserted into the prompt, not the response")
-
-
-def outcome_importance(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
-                       response_ids: jax.Array, response_mask: jax.Array,
-                       answer_mask: jax.Array, *, mode: str = "gradient", oar_config=None,
-                       pad_id: int = 0, chunk_size: int = 8, rng: jax.Array | None = None):
-    """OAR importance ``[batch, N]`` of each reasoning token for the response's own answer.
-
-    The outcome is the log-probability of the final-answer span (``answer_mask [batch, N]``,
-    located by the verifier) given everything before it. Reasoning tokens are the response
-    tokens outside that span.
-
-    Args:
-      mode: ``"gradient"`` (OAR-G: one backward pass w.r.t. the input embeddings) or
-        ``"perturbation"`` (OAR-P: every position replaced by ``pad_id`` in turn).
-    """
-    from .credit.oar import OARConfig, oar_gradient_importance, oar_perturbation_importance
-
-    cfg = oar_config or OARConfig()
-    p = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    answer = answer_mask.astype(jnp.float32) * response_mask
-    reasoning = jnp.concatenate(
-        [jnp.zeros_like(prompt_mask, bool),
-         response_mask.astype(bool) & ~answer_mask.astype(bool)], axis=1)
-    unembedding = model.output_embedding()
-
-    def outcome_from_embeddings(embeddings):  # [batch, P + N, hidden] -> [batch]
-        hidden, _ = model.hidden_states(embeddings, mask)
-        lp, _ = token_logprobs_from_hidden(hidden[:, p - 1:-1], unembedding, response_ids,
-                                           compute_dtype=model.config.dtype)
-        return jnp.sum(lp * answer, axis=-1)
-
-    if mode == "gradient":
-        scores = oar_gradient_importance(outcome_from_embeddings, model.embed(ids), reasoning,
-                                         cfg, rng)
-    elif mode == "perturbation":
-        scores = oar_perturbation_importance(
-            lambda x: outcome_from_embeddings(model.embed(x)), ids, reasoning, pad_id,
-            chunk_size)
-    else:
-        raise ValueError(f"mode must be 'gradient' or 'perturbation', got {mode!r}")
-    return scores[:, p:]

@@ -12,12 +12,12 @@ For one hard question with a binary verifier::
 With every attempt failed the GRPO advantages are all 0, so the step is driven by SDPO's
 distillation loss (``distill_weight = 1`` by default) toward the feedback-conditioned
 teacher. The pieces are the library's own: the jitted sampler, the verifier
-(:func:`amrsd_jax.train.rollouts.verify`), the SDPO reprompt
-(:func:`amrsd_jax.train.rollouts.teacher_messages` / ``sdpo_teacher_prompt`` with no peer
-solution), the old-policy scorer and the one jitted update step
-(:func:`amrsd_jax.update.make_update_step` with ``method="sdpo"``), with the batch laid out
-exactly as :meth:`amrsd_jax.train.trainer.Trainer.train_step` lays it out. The teacher
-weights follow SDPO (EMA of the policy, rate 0.05, updated after every finite step).
+(:func:`amrsd_jax.rollout.records.verify`), the SDPO reprompt (``sdpo_teacher_prompt``
+with no peer solution), and the programs of :func:`amrsd_jax.programs.build_programs` for
+the :class:`~amrsd_jax.methods.sdpo.SDPO` method (old-policy scorer, the one update step,
+the same :class:`~amrsd_jax.batch.UpdateBatch` the trainer builds, and the update phase
+the trainer runs). The teacher weights follow SDPO (EMA of the policy, rate 0.05, refreshed
+inside the step after every finite step).
 
 ``update=False`` in :class:`TTSDSettings` is the best-of-k baseline: the same rounds with
 the same sampling keys, no updates (round 0 of both is therefore the same sample).
@@ -30,7 +30,10 @@ is attempt ``r * k + j + 1``; a question without a success is censored at
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -38,8 +41,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .batch import UpdateBatch, abstract_batch, make_batch
 from .losses.policy import PolicyLossConfig
 from .losses.sdpo import SDPOConfig
+from .methods.sdpo import SDPO
+from .models import load_model
+from .programs import build_programs
+from .reflection.contexts import sdpo_teacher_prompt
+from .rollout.prompts import encode_chat, encode_teacher_prompts, pad_id, stop_ids
+from .rollout.records import decode_responses, verify
+from .rollout.sampler import SamplingConfig
+from .sharding import shard_model, single_device_mesh
+from .train.phases import update_phase
+from .update import OptimizerConfig, StepConfig, make_optimizer
 
 FEEDBACK_MODES = ("own", "round")
 TEACHER_WEIGHTS = ("ema", "frozen")
@@ -177,10 +191,6 @@ class TTSDRecord:
         return out
 
 
-def _copy(tree):
-    return jax.tree.map(jnp.copy, tree)
-
-
 def round_feedback(results, mode: str) -> list[str | None]:
     """The feedback text each failed attempt's teacher sees (``None``: no signal).
 
@@ -204,105 +214,78 @@ class TTSD:
 
     def __init__(self, model, tokenizer, settings: TTSDSettings = TTSDSettings(), *,
                  mesh=None):
-        from .sharding import shard_model, single_device_mesh
-        from .scoring import make_scorer
-        from .train.config import TrainConfig, update_batch_keys
-        from .update import (OptimizerConfig, StepConfig, ema_update, make_optimizer,
-                             make_update_step)
-
         self.settings = s = settings
         self.mesh = mesh if mesh is not None else single_device_mesh()
         self.model = shard_model(model, self.mesh)
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stop_ids = sorted({*model.config.eos_token_ids,
-                                *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
-                                  else [])})
-        self.initial_params = _copy(nnx.state(self.model, nnx.Param))
-        self.optimizer = make_optimizer(OptimizerConfig(
+        self.initial_params = jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param))
+        # SDPO as the trainer runs it: EMA teacher (or frozen), distillation in the step
+        self.method = SDPO(s.sdpo, ema_rate=s.ema_rate if s.teacher_weights == "ema" else None)
+        optimizer = make_optimizer(OptimizerConfig(
             learning_rate=s.learning_rate, max_grad_norm=s.max_grad_norm,
             weight_decay=s.weight_decay))
-        self.step_config = StepConfig(method="sdpo", group_size=s.k, policy=s.policy,
-                                      method_config=s.sdpo)
-        # the trainer's SDPO batch keys (shardings depend only on each key's rank)
-        self.batch_keys = update_batch_keys(TrainConfig(method="sdpo", policy=s.policy))
-        placeholder = {key: np.zeros((s.k,) if key in ("rewards", "teacher_valid")
-                                     else (s.k, 1), np.float32) for key in self.batch_keys}
-        self._step_fn = self._state_sharding = None
-        self.scorer = make_scorer(self.model, self.mesh)
-        if s.update:
-            self._step_fn, self._state_sharding = make_update_step(
-                self.model, self.optimizer, self.step_config, self.mesh, placeholder)
-            rate = s.ema_rate
-            self._ema = jax.jit(lambda t, p: ema_update(t, p, rate), donate_argnums=(0,))
+        self.programs = build_programs(
+            self.model, self.mesh, step=StepConfig(method=self.method, group_size=s.k,
+                                                   policy=s.policy),
+            optimizer=optimizer, batch=abstract_batch(self.method.fields, rows=s.k, prompt=1,
+                                                      response=1),
+            pad_id=pad_id(tokenizer), stop_ids=stop_ids(tokenizer, self.model.config))
         self.state = self.teacher_params = None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.programs.stop_ids
 
     # ------------------------------------------------------------------ weights
     def reset(self) -> None:
         """Policy (and teacher) back to the initial weights, fresh optimizer state."""
-        from .update import TrainState
-
-        params = _copy(self.initial_params)
-        nnx.update(self.model, params)
+        nnx.update(self.model, jax.tree.map(jnp.copy, self.initial_params))
         if not self.settings.update:
             self.state = None
             return
-        state = TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
-        self.state = jax.device_put(state, self._state_sharding)
-        nnx.update(self.model, self.state.params)
-        self.teacher_params = _copy(self.initial_params)
+        self.teacher_params = self.method.init_teacher(self.initial_params)
+        self.state = self.programs.init_state()
 
     def restore(self) -> None:
         """Put the initial weights back into the model (the adapted state is dropped)."""
-        nnx.update(self.model, _copy(self.initial_params))
+        nnx.update(self.model, jax.tree.map(jnp.copy, self.initial_params))
         self.state = self.teacher_params = None
 
     # ------------------------------------------------------------------ pieces
     def encode(self, messages: list[str], max_tokens: int, min_width: int = 0):
         """Chat-encoded, left-padded ``(ids, mask)`` at least ``min_width`` wide."""
-        from .rollout.prompts import encode_chat
-        from .rollout.sampler import left_pad_to
-
         enc = encode_chat(self.tokenizer, messages, max_tokens=max_tokens,
-                          system_prompt=self.settings.system_prompt, on_long="truncate")
-        if enc.ids.shape[1] >= min_width:
-            return enc.ids, enc.mask
-        return left_pad_to(enc.ids, enc.mask, min_width, self.pad_id)
+                          system_prompt=self.settings.system_prompt, on_long="truncate",
+                          min_width=min_width)
+        return enc.ids, enc.mask
 
     def sample(self, prompt_ids, prompt_mask, key):
-        from .rollout.sampler import SamplingConfig, generate
-
         s = self.settings
-        out = generate(self.model, prompt_ids, prompt_mask, key,
-                       SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                      top_p=s.top_p, top_k=s.top_k),
-                       stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
-        return jax.tree.map(np.asarray, out)
+        return self.programs.sample(nnx.state(self.model, nnx.Param), prompt_ids, prompt_mask,
+                                    key, SamplingConfig(max_new_tokens=s.max_new_tokens,
+                                                        temperature=s.temperature,
+                                                        top_p=s.top_p, top_k=s.top_k))
 
     def teacher_tokens(self, messages: list[str | None], fallback_ids, fallback_mask):
         """Left-padded teacher prompts; rows without a context reuse the student prompt
-        and are marked invalid (:func:`amrsd_jax.train.data.encode_teacher_prompts`)."""
-        from .train.data import encode_teacher_prompts
-
+        and are marked invalid (:func:`amrsd_jax.rollout.prompts.encode_teacher_prompts`)."""
         ids, mask, valid, _ = encode_teacher_prompts(
             self.tokenizer, messages, fallback_ids, fallback_mask,
             max_tokens=self.settings.max_teacher_prompt_tokens,
-            system_prompt=self.settings.system_prompt, pad_id=self.pad_id,
+            system_prompt=self.settings.system_prompt,
             min_width=self.settings.min_teacher_prompt_width)
         return ids, mask, valid
 
-    def sdpo_step(self, batch: dict) -> tuple[dict[str, float], int]:
+    def sdpo_step(self, batch: UpdateBatch) -> tuple[dict[str, float], int]:
         """``steps_per_round`` SDPO steps on one round's batch; returns the last step's
         metrics and the number of finite (applied) steps."""
         metrics: dict[str, float] = {}
         applied = 0
         for _ in range(self.settings.steps_per_round):
-            self.state, device_metrics = self._step_fn(self.state, batch, self.teacher_params)
-            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            result = update_phase(self.programs, self.state, self.teacher_params, batch)
+            self.state, self.teacher_params = result.state, result.teacher_params
             nnx.update(self.model, self.state.params)
-            applied += int(not metrics["update_skipped"])
-            if self.settings.teacher_weights == "ema" and not metrics["update_skipped"]:
-                self.teacher_params = self._ema(self.teacher_params, self.state.params)
+            metrics, applied = result.metrics, applied + int(not result.skipped)
         return metrics, applied
 
     def response_logprob(self, question: str, response: str) -> float:
@@ -314,8 +297,8 @@ class TTSD:
         eos = self.tokenizer.eos_token_id
         ids = list(ids) + ([eos] if eos is not None else self.stop_ids[:1])
         resp = np.array([ids], np.int32)
-        lp, _ = self.scorer(nnx.state(self.model, nnx.Param), p_ids, p_mask, resp,
-                            np.ones_like(resp))
+        lp, _ = self.programs.score(nnx.state(self.model, nnx.Param), p_ids, p_mask, resp,
+                                    np.ones_like(resp))
         return float(np.asarray(lp).sum())
 
     # ------------------------------------------------------------------ the loop
@@ -330,9 +313,6 @@ class TTSD:
         overrides ``settings.reward`` for this question; ``on_round`` is called after each
         round (after its SDPO step, so the model holds the updated weights).
         """
-        from .reflection.contexts import sdpo_teacher_prompt
-        from .train import rollouts
-
         s = self.settings
         t_start = time.perf_counter()
         self.reset()
@@ -347,8 +327,8 @@ class TTSD:
             for r in range(s.max_rounds):
                 t0 = time.perf_counter()
                 out = self.sample(prompt_ids, prompt_mask, jax.random.fold_in(key, r))
-                texts = rollouts.decode_responses(self.tokenizer, out.tokens, out.lengths)
-                verified = rollouts.verify(texts, golds,
+                texts = decode_responses(self.tokenizer, out.tokens, out.lengths)
+                verified = verify(texts, golds,
                                            reward=s.reward if reward is None else reward,
                                            success_threshold=s.success_threshold,
                                            timeout_s=s.reward_timeout_s)
@@ -367,15 +347,14 @@ class TTSD:
                     if t_valid.any():
                         lp_old = out.logprobs
                         if s.uses_scorer_for_old:
-                            lp_old, _ = self.scorer(self.state.params, prompt_ids,
-                                                    prompt_mask, out.tokens, out.mask)
-                        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                                 "response_ids": out.tokens, "response_mask": out.mask,
-                                 "rewards": verified.rewards,
-                                 "sampler_logprobs": out.logprobs, "old_logprobs": lp_old,
-                                 "teacher_prompt_ids": t_ids, "teacher_prompt_mask": t_mask,
-                                 "teacher_valid": t_valid.astype(np.int32)}
-                        assert sorted(batch) == sorted(self.batch_keys), sorted(batch)
+                            lp_old, _ = self.programs.score(self.state.params, prompt_ids,
+                                                            prompt_mask, out.tokens, out.mask)
+                        batch = make_batch(
+                            prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                            response_ids=out.tokens, response_mask=out.mask,
+                            rewards=verified.rewards, sampler_logprobs=out.logprobs,
+                            old_logprobs=lp_old, teacher_prompt_ids=t_ids,
+                            teacher_prompt_mask=t_mask, teacher_valid=t_valid)
                         rec.metrics, applied = self.sdpo_step(batch)
                         rec.metrics["teacher_valid_frac"] = float(t_valid.mean())
                         rec.updated = applied > 0
@@ -459,12 +438,6 @@ def settings_from_args(args, **overrides) -> TTSDSettings:
 def main(args) -> int:
     """``python run.py ttsd --question ... --answer ...``: TTSD (or, with ``--best-of-k``,
     plain best-of-k sampling) on one question; prints each round, optionally writes JSON."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from .models import load_model
-
     settings = settings_from_args(args, update=not args.best_of_k)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)

@@ -1,14 +1,16 @@
-"""AMR-SD's reflection levers in the trainer, and the comparison / overhead benchmarks run
-end to end on a tiny random model."""
+"""AMR-SD's reflection levers in the trainer, the comparison / overhead benchmarks run end
+to end on a tiny random model, the benchmarks' shared harness and the CLI's dispatch."""
 
 import json
+import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 from conftest import write_tiny_checkpoint  # also registers reward test_even_length
 
-from amrsd_jax.bench import compare
+from amrsd_jax.bench import compare, harness
 from amrsd_jax.cli import build_parser
 from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.trainer import Trainer, _bucket_rows
@@ -190,7 +192,7 @@ def test_compare_runs_reports_and_reuses(checkpoint_dir, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("amrsd_jax.train.trainer.train", fail)
+    monkeypatch.setattr(compare, "train", fail)
     assert compare.main(_args(argv)) == 0
 
 
@@ -226,9 +228,53 @@ def test_compare_skips_a_run_another_live_process_holds(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("trained a run another process holds")
 
-    monkeypatch.setattr("amrsd_jax.train.trainer.train", fail)
+    monkeypatch.setattr(compare, "train", fail)
     directory = compare.run_dir(tmp_path, "grpo", 0)
     directory.mkdir(parents=True)
     (directory / "running.pid").write_text(str(os.getppid()))  # a live process, not us
     assert compare.run_one("", "grpo", 0, tmp_path, []) is None
     assert (directory / "running.pid").exists()
+
+
+# ----------------------------------------------------------------------------- harness
+def test_time_runs_warms_up_then_times_each_run():
+    calls = []
+    timing = harness.time_runs(lambda: calls.append(1), 3)
+    assert len(calls) == 4 and len(timing.runs_s) == 3  # one warm-up + 3 timed
+    assert timing.first_s >= 0 and all(t >= 0 for t in timing.runs_s)
+    fixed = harness.Timing(5.0, [3.0, 1.0, 2.0])
+    assert fixed.median_s == 2.0
+    assert fixed.to_dict() == {"first_run_s": 5.0, "runs_s": [3.0, 1.0, 2.0], "median_s": 2.0}
+
+
+def test_format_table_pads_columns():
+    text = harness.format_table([("phase", "s"), ("a long phase", "1.25"), ("b", "")])
+    assert text.splitlines() == ["phase         s", "a long phase  1.25", "b"]
+
+
+def test_write_results_records_the_machine(tmp_path, capsys):
+    path = harness.write_results({"x": 1}, tmp_path / "new_dir" / "r.json")
+    data = json.loads(path.read_text())
+    assert data["x"] == 1
+    assert set(data["machine"]) == {"cpus", "platform", "jax", "flax", "backend"}
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+def test_matmul_peak_is_positive():
+    assert harness.measure_matmul_gflops(32, 32, 32, repeats=2) > 0
+
+
+@pytest.mark.parametrize("argv, module", [
+    (["bench", "generate"], "amrsd_jax.bench.generate"),
+    (["bench", "step"], "amrsd_jax.bench.step"),
+    (["bench", "compare"], "amrsd_jax.bench.compare"),
+    (["bench", "overhead"], "amrsd_jax.bench.overhead"),
+    (["bench", "ttsd"], "amrsd_jax.bench.ttsd"),
+    (["ttsd", "--question", "q", "--answer", "1"], "amrsd_jax.ttsd"),
+])
+def test_cli_dispatches_to_the_module_main(argv, module, monkeypatch):
+    """Each of these subcommands runs ``<module>.main(args)``, importing it only then."""
+    fake = types.SimpleNamespace(main=lambda args: (module, args))
+    monkeypatch.setitem(sys.modules, module, fake)
+    args = _args(argv)
+    assert args.func(args) == (module, args)

@@ -1,4 +1,4 @@
-"""The jitted update step: micro-batching, sharding, skipping, compile-once, method registry."""
+"""The jitted update step: micro-batching, sharding, skipping, compile-once, every method."""
 
 
 import jax
@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from amrsd_jax.batch import make_batch as typed_batch
 from amrsd_jax.credit import AMRSDConfig
-from amrsd_jax.credit.registry import METHODS, get_method
 from amrsd_jax.losses import PolicyLossConfig
+from amrsd_jax.methods import METHODS, make_method
 from amrsd_jax.scoring import check_aligned_responses, response_logprobs
 from amrsd_jax.sharding import make_mesh, shard_batch
 from amrsd_jax.update import (OptimizerConfig, StepConfig, init_train_state, make_optimizer,
@@ -22,7 +23,9 @@ G, PROMPTS, P, N = 4, 2, 6, 5
 B = G * PROMPTS
 
 
-def make_batch(model, seed=0, rewards=None, method="grpo"):
+def make_batch(model, seed=0, rewards=None, method=None):
+    """An update batch with every field ``method`` (a Method object) reads."""
+    method = method or make_method("grpo")
     rng = np.random.default_rng(seed)
     prompt_ids = rng.integers(4, 96, (B, P)).astype(np.int32)
     prompt_mask = np.ones((B, P), np.int32)
@@ -35,24 +38,19 @@ def make_batch(model, seed=0, rewards=None, method="grpo"):
     old, ent = response_logprobs(model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
                                  jnp.asarray(response_ids), jnp.asarray(response_mask),
                                  with_entropy=True)
-    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                 response_mask=response_mask, rewards=np.asarray(rewards, np.float32),
-                 old_logprobs=np.asarray(old))
-    needs = get_method(method).passes
-    if "teacher" in needs:
-        batch["teacher_logprobs"] = np.asarray(old) + rng.normal(0, 1.0, (B, N)).astype(
-            np.float32) * response_mask
-    if "entropy" in needs:
-        batch["entropy"] = np.asarray(ent)
-    if needs & {"outcome_gradient", "outcome_perturbation"}:
-        batch["importance"] = rng.random((B, N)).astype(np.float32)
-    if get_method(method).distillation:
-        batch["teacher_prompt_ids"] = np.concatenate(
-            [rng.integers(4, 96, (B, 3)).astype(np.int32), prompt_ids], axis=1)
-        batch["teacher_prompt_mask"] = np.concatenate(
-            [np.ones((B, 3), np.int32), prompt_mask], axis=1)
-        batch["teacher_valid"] = (np.arange(B) % 2).astype(np.int32)
-    return batch
+    old = np.asarray(old)
+    optional = {
+        "teacher_logprobs": old + rng.normal(0, 1.0, (B, N)).astype(np.float32) * response_mask,
+        "entropy": np.asarray(ent),
+        "importance": rng.random((B, N)).astype(np.float32),
+        "teacher_prompt_ids": np.concatenate([rng.integers(4, 96, (B, 3)).astype(np.int32),
+                                              prompt_ids], axis=1),
+        "teacher_prompt_mask": np.concatenate([np.ones((B, 3), np.int32), prompt_mask], axis=1),
+        "teacher_valid": (np.arange(B) % 2).astype(np.int32)}
+    return typed_batch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                       response_ids=response_ids, response_mask=response_mask,
+                       rewards=np.asarray(rewards, np.float32), sampler_logprobs=old,
+                       old_logprobs=old, **{k: optional[k] for k in method.fields})
 
 
 def sgd(lr=0.1):
@@ -74,13 +72,13 @@ def run_steps(cfg, mesh_shape=(1, 1, 1), steps=2, seed=0, batch_fn=make_batch, l
     step_fn, state_sh = make_update_step(model, optimizer, cfg, mesh, batch)
     state = init_train_state(model, optimizer)
     state = place_state(state._replace(step=jnp.int32(start_step)), state_sh)
-    teacher = None
-    if cfg.method_entry.distillation:
-        teacher = jax.device_put(nnx.state(tiny_model(seed=seed + 1), nnx.Param), state_sh.params)
+    # a teacher different from the policy (SDPO's distillation then has a gradient)
+    teacher = cfg.method.init_teacher(nnx.state(tiny_model(seed=seed + 1), nnx.Param))
+    if teacher is not None:
+        teacher = jax.device_put(teacher, state_sh.params)
     metrics = []
     for _ in range(steps):
-        state, m = (step_fn(state, shard_batch(batch, mesh), teacher) if teacher is not None
-                    else step_fn(state, shard_batch(batch, mesh)))
+        state, teacher, m = step_fn(state, shard_batch(batch, mesh), teacher)
         metrics.append(jax.device_get(m))
     return state, metrics, step_fn
 
@@ -91,7 +89,7 @@ def flat_params(state):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_takes_steps_and_changes_params(method):
-    cfg = StepConfig(method=method, group_size=G)
+    cfg = StepConfig(method=make_method(method), group_size=G)
     state0 = init_train_state(tiny_model(), make_optimizer(OptimizerConfig()))
     before = flat_params(state0)
     state, metrics, _ = run_steps(cfg)
@@ -119,7 +117,7 @@ def test_micro_batches_equal_one_big_batch(aggregation):
 
 
 def test_all_equal_groups_give_zero_gradient():
-    def equal_rewards(model, method="grpo"):
+    def equal_rewards(model, method=None):
         return make_batch(model, rewards=np.repeat([1.0, 0.0], G), method=method)
 
     state0 = init_train_state(tiny_model(), make_optimizer(OptimizerConfig()))
@@ -131,10 +129,11 @@ def test_all_equal_groups_give_zero_gradient():
 
 
 def test_non_finite_gradients_skip_the_update_and_are_counted():
-    def nan_rewards(model, method="grpo"):
+    def nan_rewards(model, method=None):
         batch = make_batch(model, method=method)
-        batch["rewards"][2] = np.nan
-        return batch
+        rewards = batch.rewards.copy()
+        rewards[2] = np.nan
+        return batch.replace(rewards=rewards)
 
     state0 = init_train_state(tiny_model(), make_optimizer(OptimizerConfig()))
     state, metrics, _ = run_steps(StepConfig(group_size=G), batch_fn=nan_rewards, steps=3)
@@ -150,8 +149,8 @@ def test_repeated_steps_compile_once():
 
 
 def test_amr_sd_is_grpo_bit_for_bit_once_step_reaches_decay():
-    amr = StepConfig(method="amr_sd", group_size=G, method_config=AMRSDConfig(decay_steps=3))
-    grpo = StepConfig(method="grpo", group_size=G)
+    amr = StepConfig(method=make_method("amr_sd", AMRSDConfig(decay_steps=3)), group_size=G)
+    grpo = StepConfig(method=make_method("grpo"), group_size=G)
     # before T_decay the gate is active and the runs differ
     _, m_a, _ = run_steps(amr, steps=1)
     _, m_g, _ = run_steps(grpo, steps=1)
@@ -169,7 +168,7 @@ def test_amr_sd_is_grpo_bit_for_bit_once_step_reaches_decay():
 @pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1)], ids=["data2-fsdp2-tensor2", "data8"])
 @pytest.mark.parametrize("method", ["grpo", "amr_sd"])
 def test_sharded_step_equals_single_device(shape, method):
-    cfg = StepConfig(method=method, group_size=G, micro_batches=1)
+    cfg = StepConfig(method=make_method(method), group_size=G, micro_batches=1)
     ref_state, ref, _ = run_steps(cfg, optimizer=sgd())
     state, out, _ = run_steps(cfg, mesh_shape=shape, optimizer=sgd())
     np.testing.assert_allclose([m["loss"] for m in out], [m["loss"] for m in ref], rtol=1e-5,
@@ -198,13 +197,14 @@ def test_adam_moments_follow_parameter_sharding():
 
 def test_teacher_equal_to_student_context_gives_no_modulation():
     model = tiny_model()
-    batch = make_batch(model, method="amr_sd")
-    check_aligned_responses(batch["response_ids"], batch["response_ids"].copy())
+    batch = make_batch(model, method=make_method("amr_sd"))
+    check_aligned_responses(batch.response_ids, batch.response_ids.copy())
     with pytest.raises(ValueError, match="differ in rows"):
-        bad = batch["response_ids"].copy()
+        bad = batch.response_ids.copy()
         bad[3, 0] += 1
-        check_aligned_responses(batch["response_ids"], bad)
-    batch["teacher_logprobs"] = batch["old_logprobs"].copy()
+        check_aligned_responses(batch.response_ids, bad)
+    batch = {"teacher_logprobs": batch.old_logprobs.copy(), "old_logprobs": batch.old_logprobs,
+             "response_mask": batch.response_mask}
     from amrsd_jax.credit import amr_sd_token_advantages, rlsd_token_advantages, RLSDConfig
     A = jnp.asarray(np.linspace(-1, 1, B), jnp.float32)
     ahat, diag = amr_sd_token_advantages(A, batch["teacher_logprobs"], batch["old_logprobs"],
@@ -219,11 +219,13 @@ def test_teacher_equal_to_student_context_gives_no_modulation():
 
 def test_step_config_rejects_bad_values():
     with pytest.raises(ValueError, match="did you mean 'amr_sd'"):
-        StepConfig(method="amrsd")
+        make_method("amrsd")
+    with pytest.raises(TypeError, match="must be a Method object"):
+        StepConfig(method="amr_sd")
     with pytest.raises(ValueError, match="at least 2"):
         StepConfig(group_size=1)
     with pytest.raises(TypeError, match="AMRSDConfig"):
-        StepConfig(method="amr_sd", method_config=PolicyLossConfig())
+        make_method("amr_sd", PolicyLossConfig())
 
 
 def test_remat_inside_the_step_and_the_sampler():
@@ -236,13 +238,13 @@ def test_remat_inside_the_step_and_the_sampler():
         model = tiny_model(seed=0, remat=remat)
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         optimizer = sgd()
-        cfg = StepConfig(method="grpo", group_size=G, micro_batches=2)
+        cfg = StepConfig(method=make_method("grpo"), group_size=G, micro_batches=2)
         batch = make_batch(model)
         step_fn, state_sh = make_update_step(model, optimizer, cfg, mesh, batch)
         state = place_state(init_train_state(model, optimizer), state_sh)
-        state, m = step_fn(state, batch)
+        state, _, m = step_fn(state, batch)
         nnx.update(model, state.params)  # the step donated the arrays the model held
-        out = generate(model, batch["prompt_ids"], batch["prompt_mask"], jax.random.key(0),
+        out = generate(model, batch.prompt_ids, batch.prompt_mask, jax.random.key(0),
                        SamplingConfig(max_new_tokens=4, greedy=True))
         results.append((float(m["loss"]), flat_params(state), np.asarray(out.tokens)))
     (loss_a, params_a, tokens_a), (loss_b, params_b, tokens_b) = results

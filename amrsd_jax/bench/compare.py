@@ -36,6 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..train.config import load_train_config
+from ..train.metrics import read_metrics
+from ..train.trainer import train
+from .harness import progress, use_compilation_cache
+
 MAIN = ("grpo", "amr_sd", "rlsd", "sdpo", "hapo", "oar_g")
 ABLATIONS = ("amr_sd/tau=0.25", "amr_sd/tau=1.0", "amr_sd/no_reflection",
              "amr_sd/symmetric", "amr_sd/no_anneal")
@@ -72,8 +79,6 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
 
 def variant_config(config_path: str, variant: str, seed: int, out: Path,
                    overrides: list[str], at_start: bool):
-    from ..train.config import load_train_config
-
     method, extra = VARIANTS[variant]
     config_path = config_path or None  # "" = the TrainConfig defaults
     base = load_train_config(config_path, overrides)
@@ -88,8 +93,6 @@ def run_one(config_path: str, variant: str, seed: int, out: Path,
             overrides: list[str]) -> dict | None:
     """Train one (variant, seed) unless it already finished (returns its ``done.json``) or
     another live process is training it (returns None)."""
-    from ..train.trainer import train
-
     directory = run_dir(out, variant, seed)
     done = directory / "done.json"
     if done.exists():
@@ -115,8 +118,6 @@ def run_one(config_path: str, variant: str, seed: int, out: Path,
     record = {"variant": variant, "method": config.method, "seed": seed,
               "wall_s": time.perf_counter() - t0, "config": config.to_dict()}
     if not initial.exists():
-        from ..train.metrics import read_metrics
-
         step0 = [r for r in read_metrics(directory / "metrics.jsonl", "eval") if r["step"] == 0]
         initial.write_text(json.dumps(step0[0]))
     done.write_text(json.dumps(record))
@@ -149,8 +150,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def load_runs(out: Path, variants: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]:
     """Finished runs' curves: ``{variant: {seed: {"train": [...], "eval": [...]}}}``."""
-    from ..train.metrics import read_metrics
-
     runs: dict[str, dict[int, dict]] = {}
     for variant in variants:
         for seed in seeds:
@@ -234,7 +233,6 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, groups: dict[str, list[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     groups = {k: [v for v in vs if v in runs] for k, vs in groups.items()}
     groups = {k: vs for k, vs in groups.items() if vs}
@@ -334,8 +332,6 @@ def report(out: Path, variants: list[str], seeds: list[int], settings: dict) -> 
 
 
 def main(args) -> int:
-    import jax
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = expand_variants(args.variants)
@@ -345,12 +341,10 @@ def main(args) -> int:
                 "command": "python run.py bench compare " + " ".join(sys.argv[3:])}
     if not args.report_only:
         # every run builds fresh jitted closures; the persistent cache shares their programs
-        jax.config.update("jax_compilation_cache_dir", str(out / "xla_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        use_compilation_cache(out / "xla_cache")
         order = [(v, s) for s in seeds for v in variants]  # seed-major: early seeds finish
         for n, (variant, seed) in enumerate(order, 1):
-            print(f"[{n}/{len(order)}] {variant} seed {seed}", file=sys.stderr, flush=True)
+            progress("compare", f"[{n}/{len(order)}] {variant} seed {seed}")
             run_one(args.config, variant, seed, out, list(args.overrides))
             report(out, variants, seeds, settings)
     report(out, variants, seeds, settings)

@@ -8,53 +8,17 @@ run (which includes compilation for JAX), measured side by side in one process.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
-
-def write_results(results: dict, path: str | os.PathLike) -> Path:
-    """Write a benchmark's JSON (creating its folder) and say where."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
-    return out
-
-
-def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Host memory bandwidth in bytes/s from a large ``np.copyto`` (read + write counted)."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
-
-
-def measure_matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of one jitted ``[m, k] @ [k, n]`` matmul (median of ``repeats``)."""
-    import jax
-    import jax.numpy as jnp
-
-    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times) / 1e9
+from ..models import load_model, resolve_checkpoint
+from ..models.tokenizer import apply_chat_template, encode_prompts
+from ..rollout import SamplingConfig, generate
+from .harness import (format_table, measure_copy_bandwidth, measure_matmul_gflops, progress,
+                      time_runs, write_results)
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -62,25 +26,7 @@ def bench_prompts(n: int) -> list[str]:
     return [f"What is {a} + {b}? Think step by step." for a, b in rng.integers(10, 99, (n, 2))]
 
 
-def _time_runs(fn, repeats: int) -> tuple[float, list[float]]:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return first, runs
-
-
 def main(args) -> int:
-    import jax
-
-    from ..models import load_model, resolve_checkpoint
-    from ..models.tokenizer import apply_chat_template, encode_prompts
-    from ..rollout import SamplingConfig, generate
-
     path = resolve_checkpoint(args.model)
     model, tokenizer = load_model(path, dtype="float32")
     texts = apply_chat_template(tokenizer, bench_prompts(args.batch))
@@ -95,17 +41,16 @@ def main(args) -> int:
         jax.block_until_ready(out.tokens)
         assert int(np.asarray(out.lengths).min()) == args.new_tokens
 
-    print(f"[bench generate] {args.model}: batch {args.batch}, prompt {enc['input_ids'].shape[1]} "
-          f"tokens, {args.new_tokens} new tokens, fp32, temperature 1", file=sys.stderr)
-    jax_first, jax_runs = _time_runs(run_jax, args.repeats)
-    jax_median = statistics.median(jax_runs)
+    progress("generate", f"{args.model}: batch {args.batch}, prompt "
+             f"{enc['input_ids'].shape[1]} tokens, {args.new_tokens} new tokens, fp32, "
+             "temperature 1")
+    jax_timing = time_runs(run_jax, args.repeats)
+    jax_median = jax_timing.median_s
     results = {
-        "model": str(args.model), "batch": args.batch, "prompt_tokens": int(enc["input_ids"].shape[1]),
-        "new_tokens": args.new_tokens, "dtype": "float32", "repeats": args.repeats,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},
-        "amrsd_jax": {"first_run_s": jax_first, "runs_s": jax_runs, "median_s": jax_median,
-                      "tokens_per_s": total_tokens / jax_median},
+        "model": str(args.model), "batch": args.batch,
+        "prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": args.new_tokens,
+        "dtype": "float32", "repeats": args.repeats,
+        "amrsd_jax": jax_timing.to_dict() | {"tokens_per_s": total_tokens / jax_median},
     }
 
     if not args.no_torch:
@@ -131,12 +76,11 @@ def main(args) -> int:
                                       pad_token_id=tokenizer.pad_token_id)
                 assert out.shape[1] == ids.shape[1] + args.new_tokens
 
-            torch_first, torch_runs = _time_runs(run_torch, args.repeats)
-            torch_median = statistics.median(torch_runs)
+            torch_timing = time_runs(run_torch, args.repeats)
+            torch_median = torch_timing.median_s
             results["torch_generate"] = {
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "threads": torch.get_num_threads(), "first_run_s": torch_first,
-                "runs_s": torch_runs, "median_s": torch_median,
+                "threads": torch.get_num_threads(), **torch_timing.to_dict(),
                 "tokens_per_s": total_tokens / torch_median}
             results["speedup_vs_torch"] = torch_median / jax_median
 
@@ -154,7 +98,7 @@ def main(args) -> int:
         "compute_floor_s": total_flops / 1e9 / peak,
         "achieved_gflops": total_flops / 1e9 / jax_median}
     weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize
-                       for v in jax.tree.leaves(__import__("flax").nnx.state(model)))
+                       for v in jax.tree.leaves(nnx.state(model)))
     bandwidth = measure_copy_bandwidth()
     floor = weight_bytes / bandwidth
     step = jax_median / args.new_tokens  # prefill amortised into the per-step time
@@ -164,14 +108,12 @@ def main(args) -> int:
 
     rows = [("engine", "median s", "tokens/s", "runs (s)")]
     rows.append(("amrsd_jax", f"{jax_median:.2f}", f"{total_tokens / jax_median:.0f}",
-                 ", ".join(f"{r:.2f}" for r in jax_runs)))
+                 ", ".join(f"{r:.2f}" for r in jax_timing.runs_s)))
     if "torch_generate" in results:
         t = results["torch_generate"]
         rows.append((f"torch {t['torch']} generate", f"{t['median_s']:.2f}",
                      f"{t['tokens_per_s']:.0f}", ", ".join(f"{r:.2f}" for r in t["runs_s"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(format_table(rows))
     if "speedup_vs_torch" in results:
         print(f"speed-up vs PyTorch generate: {results['speedup_vs_torch']:.2f}x")
     print(f"decode step: {step * 1e3:.1f} ms measured vs {floor * 1e3:.1f} ms floor "
@@ -183,6 +125,6 @@ def main(args) -> int:
           f"{c['achieved_gflops']:.0f} GFLOP/s (a [{args.batch}x{cfg_m.hidden_size}] x "
           f"[{cfg_m.hidden_size}x{cfg_m.intermediate_size}] matmul alone: "
           f"{c['decode_shape_matmul_gflops']:.0f} GFLOP/s)")
-    print(f"first run (compile + run): {jax_first:.1f}s")
+    print(f"first run (compile + run): {jax_timing.first_s:.1f}s")
     write_results(results, args.out)
     return 0

@@ -27,7 +27,15 @@ import statistics
 import sys
 import time
 
-from .generate import write_results
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ..models import load_model
+from ..train.config import load_train_config
+from ..train.trainer import Trainer
+from .harness import use_compilation_cache, write_results
 
 PHASES = ("generate", "reflect", "score", "update", "step")
 
@@ -45,20 +53,10 @@ def variants(short_tokens: int) -> dict[str, tuple[str, ...]]:
 
 
 def main(args) -> int:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ..train.config import load_train_config
-    from ..train.trainer import Trainer
-
     # the persistent cache (e.g. bench compare's) spares the timed steps new compilations
-    jax.config.update("jax_compilation_cache_dir", args.cache_dir or f"{args.out}.xla_cache")
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    use_compilation_cache(args.cache_dir or f"{args.out}.xla_cache")
     args.config = args.config or None  # "" = the TrainConfig defaults
     base = load_train_config(args.config, list(args.overrides))
-    from ..models import load_model
-
     model, tokenizer = load_model(base.model.name, base.model.dtype)
     initial = nnx.state(model, nnx.Param)
     names = variants(args.short_tokens)
@@ -80,23 +78,16 @@ def main(args) -> int:
                                  log=lambda m: None)
     times: dict[str, list[dict]] = {n: [] for n in names}
     total = args.steps * len(names)
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="overhead", unit="step")
-    except ImportError:  # pragma: no cover
-        bar = None
+    bar = tqdm(total=total, desc="overhead", unit="step")
     for step in range(args.steps):
         for name, trainer in trainers.items():
             t0 = time.perf_counter()
-            metrics = trainer.train_step(step)
+            metrics = trainer.train_step(step).metrics
             metrics["time/step"] = time.perf_counter() - t0
             times[name].append(metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(variant=name, s=f"{metrics['time/step']:.1f}")
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+            bar.set_postfix(variant=name, s=f"{metrics['time/step']:.1f}")
+    bar.close()
     for trainer in trainers.values():
         trainer.close()
 

@@ -10,7 +10,7 @@ the tokens does not change the cost). Four phases are timed:
   on the student sequences ``[B, P + N]``, one call per micro-batch of rows, no gradient;
 - ``teacher_scoring``: the same function on AMR-SD's teacher sequences ``[B, C + P + N]``
   (a ``C = TEACHER_CONTEXT_TOKENS`` context prefix before the prompt, the same responses);
-- ``grpo_step``: the jitted update step (:func:`~amrsd_jax.update.make_update_step`) of
+- ``grpo_step``: the jitted update step (:func:`~amrsd_jax.programs.build_programs`) of
   method ``grpo``: forward + backward over ``micro_batches`` micro-batches and AdamW;
 - ``amr_sd_step``: the same step for ``amr_sd`` (``teacher_logprobs`` in the batch).
 
@@ -21,14 +21,17 @@ achieved FLOP/s (:data:`FLOP_FORMULA`) by the measured fp32 peak of one large ji
 
 from __future__ import annotations
 
-import os
-import platform
-import statistics
-import sys
-
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from .generate import _time_runs, measure_matmul_gflops, write_results
+from ..batch import abstract_batch, make_batch
+from ..methods import make_method
+from ..models import load_model
+from ..programs import build_programs
+from ..sharding import shard_batch, single_device_mesh
+from ..update import OptimizerConfig, StepConfig, make_optimizer
+from .harness import Timing, format_table, measure_matmul_gflops, progress, time_runs, write_results
 
 #: Length ``C`` of the random context prefix standing in for AMR-SD's self-written reflection.
 TEACHER_CONTEXT_TOKENS = 32
@@ -80,36 +83,31 @@ def score_in_chunks(score, params, chunks):
     ``score`` is a :func:`~amrsd_jax.scoring.make_scorer` function; ``chunks`` a list of
     ``(prompt_ids, prompt_mask, response_ids, response_mask)`` already on the mesh.
     """
-    import jax.numpy as jnp
-
     return jnp.concatenate([score(params, *chunk)[0] for chunk in chunks], axis=0)
 
 
-def _phase_stats(first: float, runs: list[float], flops: float, peak_gflops: float,
-                 response_tokens: int, total_tokens: int) -> dict:
-    median = statistics.median(runs)
-    return {"first_run_s": first, "runs_s": runs, "median_s": median,
-            "response_tokens": response_tokens, "total_tokens": total_tokens,
+def _phase_stats(timing: Timing, flops: float, peak_gflops: float, response_tokens: int,
+                 total_tokens: int) -> dict:
+    median = timing.median_s
+    return {**timing.to_dict(), "response_tokens": response_tokens, "total_tokens": total_tokens,
             "response_tokens_per_s": response_tokens / median,
             "total_tokens_per_s": total_tokens / median,
             "gflop": flops / 1e9, "achieved_gflops": flops / median / 1e9,
             "mfu": flops / median / 1e9 / peak_gflops}
 
 
-def _progress(msg: str) -> None:
-    print(f"[bench step] {msg}", file=sys.stderr, flush=True)
+def _programs(model, mesh, method_name: str, group_size: int, micro: int, optimizer, shapes):
+    """The trainer's programs (:func:`~amrsd_jax.programs.build_programs`) for a method."""
+    method = make_method(method_name)
+    rows, prompt, response = shapes
+    return build_programs(
+        model, mesh, step=StepConfig(method=method, group_size=group_size, micro_batches=micro),
+        optimizer=optimizer,
+        batch=abstract_batch(method.fields, rows=rows, prompt=prompt, response=response),
+        pad_id=model.config.pad_token_id or 0, stop_ids=model.config.eos_token_ids)
 
 
 def main(args) -> int:
-    import flax
-    import jax
-
-    from ..models import load_model
-    from ..scoring import make_scorer
-    from ..sharding import shard_batch, single_device_mesh
-    from ..update import (OptimizerConfig, StepConfig, init_train_state, make_optimizer,
-                          make_update_step, place_state)
-
     g, k = args.group_size, args.micro_batches
     b, p, n = args.prompts * g, args.prompt_tokens, args.response_tokens
     c = TEACHER_CONTEXT_TOKENS
@@ -122,23 +120,17 @@ def main(args) -> int:
     num_params = cfg_m.num_params()
     mesh = single_device_mesh()
     host = make_synthetic_batch(args.prompts, g, p, n, c, cfg_m.vocab_size)
-    _progress(f"{args.model} ({num_params / 1e6:.1f}M params, fp32): {args.prompts} prompts x "
-              f"{g} rollouts = {b} rows, prompt {p} + response {n} tokens (teacher context "
-              f"+{c}), {k} micro-batches of {rows} rows, {args.repeats} timed runs per phase")
+    progress("step", f"{args.model} ({num_params / 1e6:.1f}M params, fp32): {args.prompts} "
+             f"prompts x {g} rollouts = {b} rows, prompt {p} + response {n} tokens (teacher "
+             f"context +{c}), {k} micro-batches of {rows} rows, {args.repeats} timed runs per "
+             "phase")
 
     optimizer = make_optimizer(OptimizerConfig())
-    grpo_cfg = StepConfig(method="grpo", group_size=g, micro_batches=k)
-    amr_cfg = StepConfig(method="amr_sd", group_size=g, micro_batches=k)
-    score = make_scorer(model, mesh)
-    # the example batches fix the step's input shardings; their values come from scoring below
-    zeros = np.zeros((b, n), np.float32)
-    student_keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards")
-    grpo_host = {key: host[key] for key in student_keys} | {"old_logprobs": zeros}
-    amr_host = grpo_host | {"teacher_logprobs": zeros}
-    grpo_step, state_sh = make_update_step(model, optimizer, grpo_cfg, mesh, grpo_host)
-    amr_step, _ = make_update_step(model, optimizer, amr_cfg, mesh, amr_host)
+    grpo = _programs(model, mesh, "grpo", g, k, optimizer, (b, p, n))
+    amr = _programs(model, mesh, "amr_sd", g, k, optimizer, (b, p, n))
+    score = grpo.score
     # one train state threads through both steps (the state is donated by each call)
-    state = place_state(init_train_state(model, optimizer), state_sh)
+    state = grpo.init_state()
     del model  # its parameter buffers may be the state's, which the first step donates
 
     def chunks(ids_key: str, mask_key: str) -> list[tuple]:
@@ -157,28 +149,30 @@ def main(args) -> int:
     def stepping(step_fn, batch):
         def run():
             nonlocal state
-            state, metrics = step_fn(state, batch)
+            state, _, metrics = step_fn(state, batch)
             last_metrics.update(jax.block_until_ready(metrics))
             jax.block_until_ready(state)
         return run
 
     def timed(name: str, fn) -> None:
-        _progress(f"{len(timings) + 1}/{len(PHASES)} {PHASES[name]}: warm-up (compile + run) "
-                  f"+ {args.repeats} timed runs ...")
-        timings[name] = _time_runs(fn, args.repeats)
-        _progress(f"    first {timings[name][0]:.1f}s, "
-                  f"median {statistics.median(timings[name][1]):.1f}s")
+        progress("step", f"{len(timings) + 1}/{len(PHASES)} {PHASES[name]}: warm-up "
+                 f"(compile + run) + {args.repeats} timed runs ...")
+        timings[name] = time_runs(fn, args.repeats)
+        progress("step", f"    first {timings[name].first_s:.1f}s, "
+                 f"median {timings[name].median_s:.1f}s")
 
     timed("old_scoring", scoring("old", chunks("prompt_ids", "prompt_mask")))
     timed("teacher_scoring",
           scoring("teacher", chunks("teacher_prompt_ids", "teacher_prompt_mask")))
-    timed("grpo_step", stepping(grpo_step, shard_batch(
-        grpo_host | {"old_logprobs": scored["old"]}, mesh)))
-    timed("amr_sd_step", stepping(amr_step, shard_batch(
-        amr_host | {"old_logprobs": scored["old"], "teacher_logprobs": scored["teacher"]}, mesh)))
+    student = {key: shard_batch(host[key], mesh) for key in
+               ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards")}
+    old = dict(old_logprobs=scored["old"], sampler_logprobs=scored["old"])
+    timed("grpo_step", stepping(grpo.update, make_batch(**student, **old)))
+    timed("amr_sd_step", stepping(amr.update, make_batch(**student, **old,
+                                                         teacher_logprobs=scored["teacher"])))
     skipped = int(jax.device_get(last_metrics["skipped_total"]))
 
-    _progress("measuring the matmul peak ...")
+    progress("step", "measuring the matmul peak ...")
     peak = measure_matmul_gflops(2048, cfg_m.hidden_size, 8 * cfg_m.intermediate_size)
     student_tokens, teacher_tokens = b * (p + n), b * (c + p + n)
     flops = {"old_scoring": 2 * num_params * student_tokens,
@@ -190,13 +184,10 @@ def main(args) -> int:
         "prompts": args.prompts, "group_size": g, "rows": b, "prompt_tokens": p,
         "response_tokens": n, "teacher_context_tokens": c, "micro_batches": k,
         "repeats": args.repeats, "mesh": "1x1x1 (data, fsdp, tensor) on jax.devices()[:1]",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "flax": flax.__version__,
-                    "backend": jax.default_backend()},
         "flop_formula": FLOP_FORMULA,
         "matmul_peak": {"shape": [2048, cfg_m.hidden_size, 8 * cfg_m.intermediate_size],
                         "gflops": peak},
-        "phases": {name: _phase_stats(*timings[name], flops[name], peak, b * n,
+        "phases": {name: _phase_stats(timings[name], flops[name], peak, b * n,
                                       teacher_tokens if name == "teacher_scoring"
                                       else student_tokens)
                    for name in PHASES},
@@ -220,9 +211,7 @@ def main(args) -> int:
                       f"{r['response_tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}",
                       f"{r['achieved_gflops']:.1f}", f"{100 * r['mfu']:.1f}%",
                       ", ".join(f"{t:.2f}" for t in r["runs_s"])))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(format_table(table))
     ratios = results["ratios"]
     print(f"amr_sd step / grpo step: {ratios['amr_sd_step_over_grpo_step']:.3f}x "
           "(gate modulation inside the step)")

@@ -37,12 +37,20 @@ success with censoring marked, paired wins) and ``--out`` JSON with every record
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import sys
 import time
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.arithmetic import ArithmeticTask
+from ..models import load_model
+from ..rollout.prompts import encode_chat
+from ..rollout.records import decode_responses, verify
+from ..rollout.sampler import SamplingConfig, generate
+from ..ttsd import TTSD, settings_from_args, summarize
+from .harness import progress, write_results
 
 METHODS = ("best_of_k", "ttsd")
 
@@ -52,12 +60,6 @@ def select_hard(model, tokenizer, examples, render, n: int, max_new_tokens: int,
     """The first ``n`` examples whose greedy answer the math verifier rejects (scanned in
     batches of ``batch``, stopping once ``n`` are found); also returns the greedy accuracy
     of the scanned part of the pool."""
-    import jax
-
-    from ..rollout.prompts import encode_chat
-    from ..rollout.sampler import SamplingConfig, generate
-    from ..train import rollouts
-
     stops = sorted({*model.config.eos_token_ids,
                     *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     hard, scanned, correct = [], 0, 0
@@ -68,9 +70,8 @@ def select_hard(model, tokenizer, examples, render, n: int, max_new_tokens: int,
         out = generate(model, enc.ids, enc.mask, jax.random.key(0),
                        SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
                        stop_tokens=stops, pad_id=tokenizer.pad_token_id)
-        texts = rollouts.decode_responses(tokenizer, np.asarray(out.tokens),
-                                          np.asarray(out.lengths))
-        verified = rollouts.verify(texts, [ex["answer"] for ex in chunk])
+        texts = decode_responses(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
+        verified = verify(texts, [ex["answer"] for ex in chunk])
         scanned += len(chunk)
         correct += int(verified.correct.sum())
         hard += [dict(ex, greedy_response=t) for ex, t, ok
@@ -128,15 +129,6 @@ def table(summaries: dict[str, dict], wins: dict[str, int]) -> str:
 
 
 def main(args) -> int:
-    import flax
-    import jax
-    from tqdm.auto import tqdm
-
-    from ..data.arithmetic import ArithmeticTask
-    from ..models import load_model
-    from ..ttsd import TTSD, settings_from_args, summarize
-    from .generate import write_results
-
     t_start = time.perf_counter()
     settings = settings_from_args(args)
     baseline_settings = dataclasses.replace(settings, update=False)
@@ -146,11 +138,10 @@ def main(args) -> int:
     questions, scan = select_hard(model, tokenizer, list(task), task.render, args.questions,
                                   settings.max_new_tokens)
     t_select = time.perf_counter() - t0
-    print(f"[bench ttsd] level {args.level} held-out: {len(questions)} questions the model "
-          f"fails greedily (greedy {scan['greedy_correct']}/{scan['scanned']} correct on the "
-          f"scanned pool, {t_select:.0f}s); k={settings.k}, {settings.max_rounds} rounds "
-          f"(budget {settings.budget} attempts), lr={settings.learning_rate:g}",
-          file=sys.stderr, flush=True)
+    progress("ttsd", f"level {args.level} held-out: {len(questions)} questions the model "
+             f"fails greedily (greedy {scan['greedy_correct']}/{scan['scanned']} correct on "
+             f"the scanned pool, {t_select:.0f}s); k={settings.k}, {settings.max_rounds} "
+             f"rounds (budget {settings.budget} attempts), lr={settings.learning_rate:g}")
     if not questions:
         print("no question failed greedily; raise --pool or --level", file=sys.stderr)
         return 2
@@ -214,11 +205,7 @@ def main(args) -> int:
         "summary": summaries, "paired": wins,
         "answer_logprob_delta_mean": float(np.mean(deltas)) if deltas else None,
         "round0_pairing_ok": all(r.get("round0_matches_best_of_k") for r in records["ttsd"]),
-        "wall_time_s": wall, "table": text,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "flax": flax.__version__,
-                    "backend": jax.default_backend()},
-        "records": records,
+        "wall_time_s": wall, "table": text, "records": records,
     }
     write_results(results, args.out)
     return 0

@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float, masked_mean, safe_divide
+from amrsd_jax.arrays import as_bool_mask, as_float, masked_mean, safe_divide
 from amrsd_jax.credit.cig import causal_information_gain
 
 Array = jax.Array

@@ -13,17 +13,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float
+from amrsd_jax.arrays import as_bool_mask, as_float
 
 Array = jax.Array
-DEFAULT_KAPPA = 5.0
 
 
 def causal_information_gain(
     lp_teacher: Array,
     lp_old: Array,
     mask: Array,
-    kappa: float = DEFAULT_KAPPA,
+    kappa: float = 5.0,
 ) -> Array:
     """Clipped causal information gain ``Ihat = clip(lp_T - lp_old, -kappa, kappa)``.
 

@@ -27,7 +27,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float
+from amrsd_jax.arrays import as_bool_mask, as_float
 
 Array = jax.Array
 AdvantageScale = Literal["group", "batch", "none"]

@@ -33,7 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float, masked_mean, safe_divide
+from amrsd_jax.arrays import as_bool_mask, as_float, masked_mean, safe_divide
 
 Array = jax.Array
 

@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float, masked_mean
+from amrsd_jax.arrays import as_bool_mask, as_float, masked_mean
 
 Array = jax.Array
 

@@ -37,7 +37,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float, masked_mean, safe_divide
+from amrsd_jax.arrays import as_bool_mask, as_float, safe_divide
 
 Array = jax.Array
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -264,7 +264,9 @@ def policy_gradient_loss(
     lp_sampler: Array | None = None,
     normalizer: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Aggregated clipped policy-gradient loss and metrics.
+    """Aggregated clipped policy-gradient loss and summed per-token statistics.
+
+    This is the loss the update step uses, one micro-batch at a time.
 
     Args:
       lp_new, lp_old, token_advantages, mask, lp_ref, lp_sampler: as in
@@ -274,11 +276,12 @@ def policy_gradient_loss(
         micro-batching); ``None`` computes it from this batch's ``mask``.
 
     Returns:
-      ``(loss, metrics)``: scalar loss, and float32 scalar metrics that are means over
-      THIS batch's masked tokens: ``pg_loss`` (the policy-gradient part, aggregated
-      like the loss), ``clip_frac``, ``dual_clip_frac``, ``ratio_mean``; ``kl_k3_mean``
-      when ``lp_ref`` is given; ``sampler_logprob_abs_diff`` when ``lp_sampler`` is
-      given; ``tis_weight_mean`` when ``cfg.tis_cap`` is set.
+      ``(loss, sums)``: the scalar loss, and float32 sums over THIS batch's masked tokens
+      of each per-token statistic of :func:`per_token_policy_loss` but ``pg``:
+      ``ratio_sum``, ``clipped_sum``, ``dual_clipped_sum``; ``kl_sum`` with ``lp_ref``;
+      ``sampler_abs_diff_sum`` with ``lp_sampler``; ``tis_weight_sum`` with
+      ``cfg.tis_cap``. Sums add up exactly over micro-batches; divide by the global
+      token count for means (the update step logs them as ``<name>_mean``).
     """
     mask = as_bool_mask(mask)
     if normalizer is None:
@@ -287,17 +290,7 @@ def policy_gradient_loss(
         lp_new, lp_old, token_advantages, mask, cfg, lp_ref=lp_ref, lp_sampler=lp_sampler
     )
     loss = aggregate_token_losses(per_token, mask, cfg.aggregation, normalizer)
-    sg = jax.lax.stop_gradient
-    metrics = {
-        "pg_loss": sg(aggregate_token_losses(stats["pg"], mask, cfg.aggregation, normalizer)),
-        "clip_frac": masked_mean(stats["clipped"], mask),
-        "dual_clip_frac": masked_mean(stats["dual_clipped"], mask),
-        "ratio_mean": sg(masked_mean(stats["ratio"], mask)),
-    }
-    if "kl" in stats:
-        metrics["kl_k3_mean"] = sg(masked_mean(stats["kl"], mask))
-    if "sampler_abs_diff" in stats:
-        metrics["sampler_logprob_abs_diff"] = masked_mean(stats["sampler_abs_diff"], mask)
-    if "tis_weight" in stats:
-        metrics["tis_weight_mean"] = masked_mean(stats["tis_weight"], mask)
-    return loss, metrics
+    weights = mask.astype(jnp.float32)
+    sums = {f"{k}_sum": jax.lax.stop_gradient(jnp.sum(v * weights))
+            for k, v in stats.items() if k != "pg"}
+    return loss, sums

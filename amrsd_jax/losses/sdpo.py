@@ -33,7 +33,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from amrsd_jax.credit._utils import as_bool_mask, as_float, masked_mean
+from amrsd_jax.arrays import as_bool_mask, as_float, masked_mean
 from amrsd_jax.losses.policy import Aggregation, aggregate_token_losses, loss_normalizer
 
 Array = jax.Array

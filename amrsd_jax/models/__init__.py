@@ -8,6 +8,8 @@ from pathlib import Path
 from .checkpoint import CheckpointError, load_checkpoint, model_state_dict, save_checkpoint
 from .config import DecoderConfig
 from .decoder import Decoder, LayerCache, init_cache
+from .gguf_import import ensure_bundled_checkpoint
+from .tokenizer import load_tokenizer
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 
@@ -22,8 +24,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """Local checkpoint directory for a bundled model name or a path."""
     key = str(name_or_path)
     if key.lower() in BUNDLED_MODELS:
-        from .gguf_import import ensure_bundled_checkpoint
-
         return ensure_bundled_checkpoint()
     path = Path(key).expanduser()
     if not path.is_dir():
@@ -45,8 +45,6 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", *,
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; ``param_dtype`` defaults to it.
       mesh / rules: shard parameters on a :func:`amrsd_jax.sharding.make_mesh` mesh.
     """
-    from .tokenizer import load_tokenizer
-
     path = resolve_checkpoint(name_or_path)
     model = load_checkpoint(path, dtype=dtype, param_dtype=param_dtype, remat=remat,
                             mesh=mesh, rules=rules)

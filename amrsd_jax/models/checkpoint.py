@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from ..sharding import DEFAULT_RULES, single_device_mesh, state_shardings
 from .config import DecoderConfig
 from .decoder import Decoder
 
@@ -111,8 +112,6 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
       dtype / param_dtype: compute and storage dtypes (``float32`` or ``bfloat16``).
       mesh: place parameters on this mesh following ``rules`` (default: first device).
     """
-    from ..sharding import DEFAULT_RULES, single_device_mesh, state_shardings
-
     directory = Path(path)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face checkpoint "

@@ -10,14 +10,18 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
-from amrsd_jax.models.gguf_import import metadata_from_reader, read_gguf_metadata
+from .gguf_metadata import metadata_from_reader, read_gguf_metadata
+
+# ``transformers`` is imported lazily, inside the functions that build tokenizers: it costs
+# about a second, and ``amrsd_jax.models`` imports this module at package level.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["apply_chat_template", "encode_prompts", "load_tokenizer", "tokenizer_from_gguf"]
 
@@ -37,7 +41,7 @@ def tokenizer_from_gguf(
 
     Args:
       source: a GGUF path (only the metadata is read), an open ``GGUFReader``, or a metadata
-        dict as returned by :func:`~amrsd_jax.models.gguf_import.read_gguf_metadata`.
+        dict as returned by :func:`~amrsd_jax.models.gguf_metadata.read_gguf_metadata`.
 
     The result mirrors the original ``tokenizer.json`` of llama.cpp ``gpt2``-model files:
     BPE over the GGUF vocab and merges, ByteLevel pre-tokenizer without prefix space
@@ -45,6 +49,8 @@ def tokenizer_from_gguf(
     tokens (``token_type == 3``) as special added tokens, user-defined ones (4) as plain added
     tokens, special tokens and ``chat_template`` taken from the metadata.
     """
+    from transformers import PreTrainedTokenizerFast
+
     if isinstance(source, gguf.GGUFReader):
         meta = metadata_from_reader(source)
     elif isinstance(source, Mapping):

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..models.tokenizer import apply_chat_template
 from .sampler import DEFAULT_BUCKETS, bucket_length
 
 
@@ -26,16 +27,30 @@ class EncodedPrompts:
     truncated: int
 
 
+def pad_id(tokenizer) -> int:
+    """The one pad-id rule: the tokenizer's pad token, else its EOS, else 0. Pad positions
+    are always masked, so the value only has to be a valid token id."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def stop_ids(tokenizer, model_config) -> list[int]:
+    """Tokens that end a response: the model's EOS ids and the tokenizer's EOS."""
+    extra = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return sorted({*model_config.eos_token_ids, *extra})
+
+
 def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
                 system_prompt: str | None = None, on_long: str = "skip",
-                buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedPrompts:
+                buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                min_width: int = 0) -> EncodedPrompts:
     """Render user ``messages`` with the chat template and tokenize them.
 
-    The width is the longest kept prompt rounded up to a bucket, so a run compiles a
-    handful of shapes.
+    The width is the longest kept prompt (at least ``min_width``) rounded up to a bucket,
+    so a run compiles a handful of shapes.
     """
-    from ..models.tokenizer import apply_chat_template
-
     if on_long not in ("skip", "truncate"):
         raise ValueError(f"on_long must be 'skip' or 'truncate', got {on_long!r}")
     texts = apply_chat_template(tokenizer, list(messages), system_prompt=system_prompt)
@@ -50,17 +65,16 @@ def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
             truncated += 1
         kept.append(i)
         out_rows.append(row)
-    ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets)
+    ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets, min_width)
     return EncodedPrompts(ids, mask, tuple(kept), skipped, truncated)
 
 
-def _left_pad_bucketed(tokenizer, rows: Sequence[Sequence[int]], buckets):
-    """:func:`left_padded` to the longest row rounded up to a bucket, with the tokenizer's
-    pad id."""
-    longest = max((len(r) for r in rows), default=1)
+def _left_pad_bucketed(tokenizer, rows: Sequence[Sequence[int]], buckets, min_width: int = 0):
+    """:func:`left_padded` to the longest row (at least ``min_width``) rounded up to a
+    bucket."""
+    longest = max(max((len(r) for r in rows), default=1), min_width)
     width = bucket_length(longest, buckets) if buckets else longest
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return left_padded(rows, width, pad)
+    return left_padded(rows, width, pad_id(tokenizer))
 
 
 def left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray,
@@ -91,8 +105,6 @@ def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequen
     (``ended_with_stop[i]``), and kept to close the turn of a response cut at the length
     limit. Longer than ``max_tokens``: the last ``max_tokens`` are kept (``truncated``).
     """
-    from ..models.tokenizer import apply_chat_template
-
     # the text after the assistant turn does not depend on the turns before it
     convs = [[{"role": "user", "content": "?"}, {"role": "assistant", "content": _TURN_MARK},
               {"role": "user", "content": m}] for m in messages]
@@ -108,3 +120,26 @@ def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequen
         out_rows.append(row)
     ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets)
     return EncodedPrompts(ids, mask, tuple(range(len(out_rows))), 0, truncated)
+
+
+def encode_teacher_prompts(tokenizer, messages: Sequence[str | None], fallback_ids: np.ndarray,
+                           fallback_mask: np.ndarray, *, max_tokens: int,
+                           system_prompt: str | None, min_width: int = 0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Left-padded teacher prompts ``(ids, mask, valid, truncated)``, ``[batch, width]``.
+
+    ``messages[i] is None`` means row ``i`` has no teacher context: it reuses its student
+    prompt (``fallback_ids/mask [batch, time]``) and is marked ``valid[i] = False``. The
+    width is at least the student prompt's and ``min_width``; prompts over ``max_tokens``
+    keep their last ``max_tokens`` tokens (``truncated`` counts them).
+    """
+    valid = np.array([m is not None for m in messages])
+    if not valid.any():
+        return fallback_ids, fallback_mask, valid, 0
+    enc = encode_chat(tokenizer, [m if m is not None else "" for m in messages],
+                      max_tokens=max_tokens, system_prompt=system_prompt, on_long="truncate")
+    width = max(enc.ids.shape[1], fallback_ids.shape[1], min_width)
+    rows = [enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
+            else fallback_ids[i][fallback_mask[i].astype(bool)] for i in range(len(messages))]
+    ids, mask = left_padded(rows, width, pad_id(tokenizer))
+    return ids, mask, valid, enc.truncated

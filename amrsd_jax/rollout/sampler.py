@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.decoder import Decoder, init_cache, positions_from_mask
+from ..sharding import batch_sharding, replicated, shard_batch
 
 # ~1.5x apart: padding wastes at most a third of the compute, and a run still compiles only
 # a handful of programs
@@ -311,14 +312,10 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
     ids, mask, stops, pad_id, new_tokens = _host_inputs(
         model.config, prompt_ids, prompt_mask, config, stop_tokens, pad_id, buckets)
     if mesh is not None:
-        from ..sharding import shard_batch
-
         ids, mask, stops = shard_batch((ids, mask, stops), mesh)
     graphdef, state = nnx.split(model)
-    out = _generate(
-        graphdef, state, ids, mask, stops, key, *_sampling_args(config, pad_id),
-        max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
-        use_top_p=config.top_p < 1.0, return_state=return_state)
+    out = _generate(graphdef, state, ids, mask, stops, key, *_sampling_args(config, pad_id),
+                    **_static_args(config, new_tokens, return_state))
     if return_state:
         out, kv_state = out
         return _trim(out, config.max_new_tokens), kv_state
@@ -355,14 +352,38 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
     ids, mask, stops, pad_id, new_tokens = _host_inputs(
         model.config, suffix_ids, suffix_mask, config, stop_tokens, pad_id, buckets)
     if mesh is not None:
-        from ..sharding import shard_batch
-
         ids, mask, stops, rows = shard_batch((ids, mask, stops, rows), mesh)
     graphdef, state = nnx.split(model)
     out = _continue(graphdef, state, prior, rows, ids, mask, stops, key,
                     *_sampling_args(config, pad_id), max_new_tokens=new_tokens,
                     greedy=config.is_greedy, top_k=config.top_k, use_top_p=config.top_p < 1.0)
     return _trim(out, config.max_new_tokens)
+
+
+def lower_generate(graphdef, state, batch: int, prompt_len: int, config: SamplingConfig, *,
+                   num_stop_ids: int, mesh, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                   return_state: bool = False):
+    """Lower the program :func:`generate` runs for ``batch`` prompts of ``prompt_len``
+    tokens, from abstract inputs: ``state`` may hold sharded ``ShapeDtypeStruct`` leaves
+    (``nnx.split`` of an ``nnx.eval_shape`` model), so no weights are needed."""
+    width = bucket_length(prompt_len, buckets) if buckets else prompt_len
+    new_tokens = (bucket_length(config.max_new_tokens, buckets) if buckets
+                  else config.max_new_tokens)
+    rows, rep = batch_sharding(mesh, 2), replicated(mesh)
+    ids = jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows)
+    stops = jax.ShapeDtypeStruct((batch, max(1, num_stop_ids)), jnp.int32, sharding=rows)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    scalars = [jax.ShapeDtypeStruct((), a.dtype, sharding=rep)
+               for a in jax.eval_shape(lambda: _sampling_args(config, 0))]
+    return _generate.lower(graphdef, state, ids, ids, stops, key, *scalars,
+                           **_static_args(config, new_tokens, return_state))
+
+
+def _static_args(config: SamplingConfig, new_tokens: int, return_state: bool) -> dict:
+    """The compile-time arguments of :func:`_generate` for a sampling config."""
+    return dict(max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
+                use_top_p=config.top_p < 1.0, return_state=return_state)
 
 
 def _host_inputs(cfg, ids, mask, config: SamplingConfig, stop_tokens, pad_id, buckets):

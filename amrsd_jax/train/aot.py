@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,23 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax._src import xla_bridge
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ..config import ConfigError
+from ..models.decoder import Decoder
+from ..models.presets import PRESETS, architecture_config, match_preset, preset_names
+from ..programs import Programs, build_programs
+from ..rollout.sampler import SamplingConfig, bucket_length
+from ..sharding import make_mesh
+from ..update import TrainState, make_optimizer
+from .config import check_mesh, load_train_config
 
 GIB = 1024 ** 3
 
@@ -79,8 +97,6 @@ def resolve_architecture(name_or_path: str, *, dtype: str = "float32",
     the preset whose name is contained in the path's last component (case-insensitive,
     longest match: ``/path/to/Qwen2.5-Math-1.5B-Instruct`` -> ``qwen2.5-math-1.5b-instruct``).
     """
-    from ..models.presets import PRESETS, architecture_config, match_preset, preset_names
-
     kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
     path = Path(str(name_or_path)).expanduser()
     if (path / "config.json").is_file():
@@ -100,82 +116,18 @@ def resolve_architecture(name_or_path: str, *, dtype: str = "float32",
         f"built-in preset {preset!r}, matched by name ({str(path)!r} {why})"
 
 
-# ----------------------------------------------------------------------------- shapes
-@dataclasses.dataclass(frozen=True)
-class RunShapes:
-    """The array shapes of one training iteration (as the trainer pads them)."""
-
-    rows: int  # B = prompts_per_step * group_size
-    micro_rows: int  # rows per micro-batch of the update step
-    prompt: int  # P: student prompt width (bucketed data.max_prompt_tokens)
-    response: int  # N: rollout.max_new_tokens (the sampler returns exactly N columns)
-    teacher_prompt: int | None  # Pt: teacher prompt width, when the method has a teacher
-    sampler_name: str  # which sampling call has the largest KV cache
-    sampler_prompt: int  # its bucketed prompt width
-    sampler_new_tokens: int  # its bucketed decode length
-
-
-def run_shapes(config) -> RunShapes:
-    from ..credit.registry import get_method
-    from ..rollout.sampler import bucket_length
-
-    method = get_method(config.method)
-    rows = config.rollout.batch_size
-    prompt = bucket_length(config.data.max_prompt_tokens)
-    teacher = None
-    if method.teacher_context is not None:
-        teacher = max(bucket_length(config.reflection.max_teacher_prompt_tokens), prompt)
-    samplers = [("rollout", prompt, bucket_length(config.rollout.max_new_tokens))]
-    if method.teacher_context == "reflection":
-        samplers.append(("reflection", bucket_length(config.reflection.max_prompt_tokens),
-                         bucket_length(config.reflection.max_tokens)))
-    name, sp, sn = max(samplers, key=lambda s: s[1] + s[2])
-    return RunShapes(rows, rows // config.micro_batches, prompt, config.rollout.max_new_tokens,
-                     teacher, name, sp, sn)
-
-
-def abstract_batch(config, mesh=None) -> dict:
-    """``ShapeDtypeStruct``s of the update step's batch (sharded over the batch axes when
-    ``mesh`` is given): int32 ids and masks, float32 rewards and per-token arrays."""
-    import jax
-    import jax.numpy as jnp
-
-    from .config import update_batch_keys
-
-    s = run_shapes(config)
-    b, p, n, pt = s.rows, s.prompt, s.response, s.teacher_prompt
-    shapes = {"prompt_ids": ((b, p), jnp.int32), "prompt_mask": ((b, p), jnp.int32),
-              "response_ids": ((b, n), jnp.int32), "response_mask": ((b, n), jnp.int32),
-              "rewards": ((b,), jnp.float32), "teacher_prompt_ids": ((b, pt or p), jnp.int32),
-              "teacher_prompt_mask": ((b, pt or p), jnp.int32),
-              "teacher_valid": ((b,), jnp.int32)}
-    out = {k: jax.ShapeDtypeStruct(*shapes.get(k, ((b, n), jnp.float32)))
-           for k in update_batch_keys(config)}
-    if mesh is not None:
-        from ..update import batch_spec
-
-        out = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
-               for (k, v), sh in zip(out.items(), batch_spec(out, mesh).values())}
-    return out
-
-
 # ----------------------------------------------------------------------------- helpers
 def _count(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _with_shardings(tree, shardings):
-    import jax
-
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         tree, shardings)
 
 
 def _bytes_per_device(tree) -> int:
     """Bytes of one device's shards of an abstract tree whose leaves carry shardings."""
-    import jax
-    import numpy as np
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -183,10 +135,11 @@ def _bytes_per_device(tree) -> int:
     return total
 
 
-def _compile(jitted, args, kwargs=None, *, platform: str) -> dict:
-    """Lower + compile; per-device memory (GiB) from ``memory_analysis()`` and timings."""
+def _compile(jitted, args, *, platform: str, lowered=None) -> dict:
+    """Lower (unless ``lowered`` is given) + compile; per-device memory (GiB) from
+    ``memory_analysis()`` and timings."""
     t0 = time.perf_counter()
-    lowered = jitted.lower(*args, **(kwargs or {}))
+    lowered = jitted.lower(*args) if lowered is None else lowered
     t1 = time.perf_counter()
     options = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
     compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
@@ -226,6 +179,183 @@ def hbm_budget(hbm_gib: float | None = None, tpu: str | None = None,
 
 
 # ----------------------------------------------------------------------------- dry run
+@dataclasses.dataclass
+class _AbstractRun:
+    """A run's programs built from shapes alone (:func:`build_programs` on an
+    ``nnx.eval_shape`` model) and what the report needs to know about them."""
+
+    config: Any
+    programs: Programs
+    arch: Any
+    arch_source: str
+    mesh_shape: tuple[int, int, int]
+    devices: list
+    state: TrainState  # abstract, with shardings
+    teacher: Any  # abstract teacher weights (method.init_teacher), or None
+    params_gib: float  # per device
+    opt_gib: float
+    copies_gib: float  # teacher / reference weight copies
+    n_params: int
+
+    @property
+    def platform(self) -> str:
+        return self.devices[0].platform
+
+
+def _abstract_run(config, devices) -> _AbstractRun:
+    mesh_shape = check_mesh(config, len(devices))
+    mesh = make_mesh(*mesh_shape, devices=devices)
+    arch, arch_source = resolve_architecture(config.model.name, dtype=config.model.dtype,
+                                             param_dtype=config.model.param_dtype,
+                                             remat=config.model.remat)
+    # shapes only: every parameter is a ShapeDtypeStruct, nothing is allocated
+    model = nnx.eval_shape(lambda: Decoder(arch, rngs=nnx.Rngs(0)))
+    method = config.make_method()
+    programs = build_programs(model, mesh, step=config.step_config(method),
+                              optimizer=make_optimizer(config.optimizer),
+                              batch=config.abstract_batch(mesh, method),
+                              pad_id=arch.pad_token_id or 0, stop_ids=arch.eos_token_ids)
+    params = nnx.state(model, nnx.Param)
+    state = _with_shardings(jax.eval_shape(lambda: TrainState(
+        params, programs.optimizer.init(params), jnp.zeros((), jnp.int32))),
+        programs.state_sharding)
+    teacher = jax.eval_shape(method.init_teacher, state.params)
+    if teacher is not None:
+        teacher = _with_shardings(teacher, programs.state_sharding.params)
+    params_gib = _bytes_per_device(state.params) / GIB
+    copies = (0 if teacher is None else params_gib) + \
+        (params_gib if config.policy.kl_beta > 0 else 0)
+    return _AbstractRun(config, programs, arch, arch_source, mesh_shape, list(devices), state,
+                        teacher, params_gib, _bytes_per_device(state.opt_state) / GIB, copies,
+                        sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _compile_programs(run: _AbstractRun, *, sampler: bool) -> dict[str, dict]:
+    """Lower and compile each program the trainer runs; memory per device (GiB)."""
+    config, programs, platform = run.config, run.programs, run.platform
+    shapes, method = config.shapes(), programs.method
+    resident = run.opt_gib + run.copies_gib  # outside the sampling and scoring programs
+    out: dict[str, dict] = {}
+    if sampler:  # the largest KV cache of the rollout and the method's own sampling passes
+        r = config.rollout
+        passes = {"rollout": (shapes.prompt, SamplingConfig(
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+            top_k=r.top_k))}
+        passes.update(method.sampling_passes(config))
+        name, (width, sampling) = max(passes.items(), key=lambda kv: bucket_length(kv[1][0])
+                                      + bucket_length(kv[1][1].max_new_tokens))
+        out["sampler"] = _compile_lowered(
+            programs.lower_sample(shapes.rows, width, sampling), platform,
+            f"{name} sampler ({shapes.rows} x {bucket_length(width)}+"
+            f"{bucket_length(sampling.max_new_tokens)})", resident)
+    rows = NamedSharding(programs.mesh, PartitionSpec(("data", "fsdp"), None))
+
+    def seq(width):
+        return jax.ShapeDtypeStruct((shapes.rows, width), jnp.int32, sharding=rows)
+
+    resp = seq(shapes.response)
+    ref_txt = " (also the reference pass)" if config.policy.kl_beta > 0 else ""
+    out["score_old"] = _compile(programs.score_old, (run.state.params, seq(shapes.prompt),
+                                                     seq(shapes.prompt), resp, resp),
+                                platform=platform)
+    out["score_old"].update(label=f"scorer: old logprobs{ref_txt} ({shapes.rows} x "
+                                  f"{shapes.prompt}+{shapes.response})", resident=resident)
+    for name, tokens in method.scoring_passes(config).items():
+        width = max(bucket_length(tokens), shapes.prompt)
+        out[f"score_{name}"] = _compile(programs.score, (run.state.params, seq(width),
+                                                         seq(width), resp, resp),
+                                        platform=platform)
+        out[f"score_{name}"].update(label=f"scorer: {name} logprobs ({shapes.rows} x "
+                                          f"{width}+{shapes.response})", resident=resident)
+    # the update step takes the teacher weights as an argument; a reference copy stays
+    out["update"] = _compile(programs.update.jitted,
+                             (run.state, programs.batch, run.teacher, programs.update.other),
+                             platform=platform)
+    out["update"].update(label=f"update step ({config.method}, {config.micro_batches} micro)",
+                         resident=run.params_gib if config.policy.kl_beta > 0 else 0.0)
+    for p in out.values():
+        p["peak"] = p["total"] + p["resident"]
+    return out
+
+
+def _compile_lowered(lowered, platform: str, label: str, resident: float) -> dict:
+    out = _compile(None, (), platform=platform, lowered=lowered)
+    out.update(label=label, resident=resident)
+    return out
+
+
+def _print_header(run: _AbstractRun, config_name: str, compile_only: bool, out) -> None:
+    config, arch, shapes = run.config, run.arch, run.config.shapes()
+    n_params = run.n_params
+    device = run.devices[0]
+    kind = ("fake CPU" if run.platform == "cpu" else
+            f"{device.device_kind} (compile-only topology, libtpu)" if compile_only
+            else device.device_kind)
+    data, fsdp, tensor = run.mesh_shape
+    fields = ", ".join(run.programs.batch.present)
+    out(f"amrsd_jax dry run{' of ' + config_name if config_name else ''}: ahead-of-time "
+        "compile from shapes only (no weights are allocated)")
+    out(f"  model    {config.model.name}")
+    out(f"           architecture: {run.arch_source}")
+    out(f"           {arch.model_type}, {n_params / 1e9:.3f}B params, {arch.num_layers} layers,"
+        f" hidden {arch.hidden_size}, vocab {arch.vocab_size}; params {arch.param_dtype}, "
+        f"compute {arch.dtype}, remat {'on' if arch.remat else 'off'}")
+    out(f"  method   {config.method} (update batch: {fields})")
+    out(f"  mesh     data={data} x fsdp={fsdp} x tensor={tensor} = {len(run.devices)} {kind} "
+        "devices")
+    rows_dev = shapes.micro_rows // (data * fsdp)
+    out(f"  batch    {shapes.rows} rollouts = {config.rollout.prompts_per_step} prompts x "
+        f"{config.rollout.group_size}; micro_batches={config.micro_batches} -> "
+        f"{shapes.micro_rows} rows per micro-batch ({rows_dev} per device); prompt "
+        f"{shapes.prompt}, response {shapes.response}, teacher prompt {shapes.teacher_prompt}"
+        f" tokens; vocab_chunk={config.vocab_chunk}")
+
+
+def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source: str,
+                 wall: float, out) -> tuple[str, float]:
+    peak_name = max(programs, key=lambda k: programs[k]["peak"])
+    peak = programs[peak_name]["peak"]
+    unit, scale = ("GiB", 1.0) if peak >= 0.5 else ("MiB", 1024.0)  # MiB for tiny models
+    out("")
+    out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
+        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}")
+    for p in programs.values():
+        v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
+                                       "resident", "peak")}
+        out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
+            f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
+            f"{p['lower_s'] + p['compile_s']:>8.1f}s")
+    out("  (program = args + out - alias + temp + code; +state = what stays on the device "
+        "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
+        "reference weight copies)")
+    out("")
+    copies = (f", teacher/reference weight copies {run.copies_gib * scale:.2f} {unit}"
+              if run.copies_gib else "")
+    out(f"  state per device: params {run.params_gib * scale:.2f} {unit}, optimizer state "
+        f"{run.opt_gib * scale:.2f} {unit}{copies}")
+    out(f"  peak per device: {peak * scale:.2f} {unit} ({programs[peak_name]['label']})")
+    verdict = (f"FITS, {budget - peak:.2f} GiB to spare" if peak <= budget
+               else f"DOES NOT FIT, over by {peak - budget:.2f} GiB")
+    out(f"  HBM budget: {budget:.1f} GiB per device [{budget_source}] -> {verdict}")
+    _print_notes(run, out)
+    out(f"  dry run wall time {wall:.1f}s")
+    return peak_name, peak
+
+
+def _print_notes(run: _AbstractRun, out) -> None:
+    if run.platform == "cpu":
+        out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
+        if run.arch.remat:
+            out("  note: XLA:CPU mostly ignores rematerialisation (jax.checkpoint / "
+                "model.remat) and computes bf16 in f32, so the update step's CPU temp memory "
+                "is a loose upper bound, often several times the TPU compiler's; install "
+                "libtpu for the TPU's own numbers (--target tpu; v5e / v6e)")
+    else:
+        out(f"  note: compiled by the {run.devices[0].device_kind} compiler (XLA's memory "
+            "analysis of the real program); runtime overheads (allocator fragmentation, "
+            "collectives' buffers) are not included")
+
+
 def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | None = None,
             sampler: bool = True, config_name: str = "", compile_only: bool = False,
             out: Callable[[str], Any] = print) -> dict:
@@ -244,224 +374,41 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
     Returns a JSON-able dict: model, mesh, shapes, per-program memory (GiB per device),
     resident state, per-phase peaks, budget and ``fits``.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from ..credit.registry import get_method
-    from ..models.decoder import Decoder
-    from ..scoring import make_scorer
-    from ..sharding import make_mesh, state_shardings
-    from ..update import StepConfig, TrainState, make_optimizer, make_update_step
-    from .config import check_mesh
-
     t_start = time.perf_counter()
-    devices = list(devices if devices is not None else jax.devices())
-    mesh_shape = check_mesh(config, len(devices))
-    mesh = make_mesh(*mesh_shape, devices=devices)
-    platform = devices[0].platform
-    replicated = NamedSharding(mesh, PartitionSpec())
-    method = get_method(config.method)
-    shapes = run_shapes(config)
+    run = _abstract_run(config, list(devices if devices is not None else jax.devices()))
     budget, budget_source = hbm_budget(hbm_gib, tpu, config_name)
-
-    arch, arch_source = resolve_architecture(config.model.name, dtype=config.model.dtype,
-                                             param_dtype=config.model.param_dtype,
-                                             remat=config.model.remat)
-    # shapes only: every parameter is a ShapeDtypeStruct, nothing is allocated
-    model = nnx.eval_shape(lambda: Decoder(arch, rngs=nnx.Rngs(0)))
-    _, params, other = nnx.split(model, nnx.Param, ...)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-
-    optimizer = make_optimizer(config.optimizer)
-    step_cfg = StepConfig(method=config.method, group_size=config.rollout.group_size,
-                          advantage_scale=config.advantage_scale,
-                          micro_batches=config.micro_batches, policy=config.policy,
-                          method_config=config.method_settings(), vocab_chunk=config.vocab_chunk)
-    batch = abstract_batch(config, mesh)
-    step_fn, state_sh = make_update_step(model, optimizer, step_cfg, mesh, batch)
-    abstract_state = jax.eval_shape(lambda: TrainState(params, optimizer.init(params),
-                                                       jnp.zeros((), jnp.int32)))
-    state = _with_shardings(abstract_state, state_sh)
-    other_in = _with_shardings(other, jax.tree.map(lambda _: replicated, other))
-    params_pd = _bytes_per_device(state.params) / GIB
-    opt_pd = _bytes_per_device(state.opt_state) / GIB
-    # weight copies besides the policy's (trainer: teacher_params for ema/frozen teacher
-    # weights, ref_params when policy.kl_beta > 0)
-    extra_copies = int(method.teacher_weights in ("ema", "frozen")) + \
-        int(config.policy.kl_beta > 0)
-
-    kind = ("fake CPU" if platform == "cpu" else
-            f"{devices[0].device_kind} (compile-only topology, libtpu)" if compile_only
-            else devices[0].device_kind)
-    mesh_txt = (f"data={mesh_shape[0]} x fsdp={mesh_shape[1]} x tensor={mesh_shape[2]} = "
-                f"{len(devices)} {kind} devices")
-    passes = ", ".join(sorted(method.passes))
-    teacher_txt = (f"; teacher {method.teacher_context} / {method.teacher_weights} weights"
-                   if method.teacher_context else "")
-    out(f"amrsd_jax dry run{' of ' + config_name if config_name else ''}: ahead-of-time "
-        "compile from shapes only (no weights are allocated)")
-    out(f"  model    {config.model.name}")
-    out(f"           architecture: {arch_source}")
-    out(f"           {arch.model_type}, {n_params / 1e9:.3f}B params, {arch.num_layers} layers,"
-        f" hidden {arch.hidden_size}, vocab {arch.vocab_size}; params {arch.param_dtype}, "
-        f"compute {arch.dtype}, remat {'on' if arch.remat else 'off'}")
-    out(f"  method   {config.method} (scoring passes: {passes}{teacher_txt})")
-    out(f"  mesh     {mesh_txt}")
-    rows_dev = shapes.micro_rows // (mesh_shape[0] * mesh_shape[1])
-    out(f"  batch    {shapes.rows} rollouts = {config.rollout.prompts_per_step} prompts x "
-        f"{config.rollout.group_size}; micro_batches={config.micro_batches} -> "
-        f"{shapes.micro_rows} rows per micro-batch ({rows_dev} per device); prompt "
-        f"{shapes.prompt}, response {shapes.response}"
-        + (f", teacher prompt {shapes.teacher_prompt}" if shapes.teacher_prompt else "")
-        + f" tokens; vocab_chunk={config.vocab_chunk}")
-
-    programs: dict[str, dict] = {}
+    _print_header(run, config_name, compile_only, out)
     out("  compiling ...")
-
-    # 1. sampling (rollouts, and reflections for AMR-SD): the largest KV cache of the two
-    if sampler:
-        from ..rollout.sampler import _generate
-        from ..sharding import batch_sharding
-
-        # remat only changes the backward pass; the sampler has none, and (with
-        # amrsd_jax's decoder as of this writing) an nnx.remat layer inside the decode
-        # while_loop fails to trace, so the sampling program is built without it
-        sampling_model = model if not arch.remat else nnx.eval_shape(
-            lambda: Decoder(arch.replace(remat=False), rngs=nnx.Rngs(0)))
-        graphdef_all, full_state = nnx.split(sampling_model)
-        state_all = _with_shardings(full_state, state_shardings(full_state, mesh))
-        rows_sh = batch_sharding(mesh, 2)
-        b, sp = shapes.rows, shapes.sampler_prompt
-        ids = jax.ShapeDtypeStruct((b, sp), jnp.int32, sharding=rows_sh)
-        stops = jax.ShapeDtypeStruct((b, max(1, len(arch.eos_token_ids))), jnp.int32,
-                                     sharding=rows_sh)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-        f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-        i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-        sampling = (config.rollout if shapes.sampler_name == "rollout" else config.reflection)
-        top_k = getattr(sampling, "top_k", 0)
-        programs["sampler"] = _compile(
-            _generate, (graphdef_all, state_all, ids, ids, stops, key, f32, f32, i32, i32),
-            dict(max_new_tokens=shapes.sampler_new_tokens, greedy=False, top_k=top_k,
-                 use_top_p=sampling.top_p < 1.0), platform=platform)
-        programs["sampler"]["label"] = (f"{shapes.sampler_name} sampler ({shapes.rows} x "
-                                        f"{sp}+{shapes.sampler_new_tokens})")
-        programs["sampler"]["resident"] = opt_pd + extra_copies * params_pd
-
-    # 2. scoring passes (the trainer scores the whole batch in one call per pass)
-    scorer = make_scorer(model, mesh, vocab_chunk=config.vocab_chunk,
-                         with_entropy="entropy" in method.passes)
-    params_in = state.params
-    rows_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-
-    def seq(width):
-        return jax.ShapeDtypeStruct((shapes.rows, width), jnp.int32, sharding=rows_sh)
-
-    resp = seq(shapes.response)
-    programs["score_old"] = _compile(scorer, (params_in, seq(shapes.prompt), seq(shapes.prompt),
-                                              resp, resp), platform=platform)
-    ref_txt = " (also the reference pass)" if config.policy.kl_beta > 0 else ""
-    programs["score_old"]["label"] = (f"scorer: old logprobs{ref_txt} ({shapes.rows} x "
-                                      f"{shapes.prompt}+{shapes.response})")
-    programs["score_old"]["resident"] = opt_pd + extra_copies * params_pd
-    if method.teacher_context is not None and not method.distillation:
-        pt = shapes.teacher_prompt
-        programs["score_teacher"] = _compile(scorer, (params_in, seq(pt), seq(pt), resp, resp),
-                                             platform=platform)
-        programs["score_teacher"]["label"] = (f"scorer: teacher logprobs ({shapes.rows} x "
-                                              f"{pt}+{shapes.response})")
-        programs["score_teacher"]["resident"] = opt_pd + extra_copies * params_pd
-
-    # 3. the update step (teacher weights are an argument for SDPO's distillation)
-    step_args = (state, batch, other_in) + ((state.params,) if method.distillation else ())
-    programs["update"] = _compile(step_fn.jitted, step_args, platform=platform)
-    programs["update"]["label"] = f"update step ({config.method}, {config.micro_batches} micro)"
-    programs["update"]["resident"] = (extra_copies - int(method.distillation)) * params_pd
-
-    for p in programs.values():
-        p["peak"] = p["total"] + p["resident"]
-    peak_name = max(programs, key=lambda k: programs[k]["peak"])
-    peak = programs[peak_name]["peak"]
-    fits = peak <= budget
+    programs = _compile_programs(run, sampler=sampler)
     wall = time.perf_counter() - t_start
-
-    # GiB, or MiB for small (test-sized) models
-    unit, scale = ("GiB", 1.0) if peak >= 0.5 else ("MiB", 1024.0)
-    out("")
-    out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
-        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}")
-    for p in programs.values():
-        v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
-                                       "resident", "peak")}
-        out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
-            f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
-            f"{p['lower_s'] + p['compile_s']:>8.1f}s")
-    out("  (program = args + out - alias + temp + code; +state = what stays on the device "
-        "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
-        "reference weight copies)")
-    out("")
-    out(f"  state per device: params {params_pd * scale:.2f} {unit}, optimizer state "
-        f"{opt_pd * scale:.2f} {unit}"
-        + (f", {extra_copies} extra weight cop{'y' if extra_copies == 1 else 'ies'} "
-           f"{extra_copies * params_pd * scale:.2f} {unit}" if extra_copies else ""))
-    out(f"  peak per device: {peak * scale:.2f} {unit} ({programs[peak_name]['label']})")
-    verdict = (f"FITS, {budget - peak:.2f} GiB to spare" if fits
-               else f"DOES NOT FIT, over by {peak - budget:.2f} GiB")
-    out(f"  HBM budget: {budget:.1f} GiB per device [{budget_source}] -> {verdict}")
-    if platform == "cpu":
-        out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
-    if platform == "cpu" and arch.remat:
-        out("  note: XLA:CPU mostly ignores rematerialisation (jax.checkpoint / model.remat) "
-            "and computes bf16 in f32, so the update step's CPU temp memory is a loose upper "
-            "bound, often several times the TPU compiler's; install libtpu for the TPU's own "
-            "numbers (--target tpu; v5e / v6e)")
-    if platform != "cpu":
-        out(f"  note: compiled by the {devices[0].device_kind} compiler (XLA's memory "
-            "analysis of the real program); runtime overheads (allocator fragmentation, "
-            "collectives' buffers) are not included")
-    out(f"  dry run wall time {wall:.1f}s")
-
+    peak_name, peak = _print_table(run, programs, budget, budget_source, wall, out)
+    arch = run.arch
     return {
         "config": config_name or None,
-        "model": {"name": config.model.name, "architecture": arch_source,
-                  "model_type": arch.model_type, "params": n_params,
+        "model": {"name": config.model.name, "architecture": run.arch_source,
+                  "model_type": arch.model_type, "params": run.n_params,
                   "num_layers": arch.num_layers, "param_dtype": arch.param_dtype,
                   "dtype": arch.dtype, "remat": arch.remat},
         "method": config.method,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
-        "devices": len(devices),
-        "platform": platform,
-        "shapes": dataclasses.asdict(shapes),
-        "state_gib_per_device": {"params": params_pd, "optimizer": opt_pd,
-                                 "extra_weight_copies": extra_copies * params_pd},
-        "programs": programs,
-        "peak_gib": peak,
-        "peak_program": peak_name,
-        "hbm_gib": budget,
-        "hbm_source": budget_source,
-        "fits": fits,
-        "margin_gib": budget - peak,
-        "estimate": platform == "cpu",
-        "device_kind": devices[0].device_kind,
-        "wall_s": wall,
+        "mesh": dict(zip(("data", "fsdp", "tensor"), run.mesh_shape)),
+        "devices": len(run.devices), "platform": run.platform,
+        "shapes": dataclasses.asdict(config.shapes()),
+        "state_gib_per_device": {"params": run.params_gib, "optimizer": run.opt_gib,
+                                 "extra_weight_copies": run.copies_gib},
+        "programs": programs, "peak_gib": peak, "peak_program": peak_name,
+        "hbm_gib": budget, "hbm_source": budget_source, "fits": peak <= budget,
+        "margin_gib": budget - peak, "estimate": run.platform == "cpu",
+        "device_kind": run.devices[0].device_kind, "wall_s": wall,
     }
-
 
 # ----------------------------------------------------------------------------- devices
 def tpu_topology_devices(tpu: str | None, n: int):
     """Compile-only devices of a TPU slice with ``n`` chips (``libtpu`` needed, no TPU), or
     ``None`` when libtpu is missing or ``tpu`` is not a one-device-per-chip generation."""
-    import importlib.util
-
     if tpu is None or tpu.lower() not in _TPU_TOPOLOGIES or n not in _GRID_2D:
         return None
     if importlib.util.find_spec("libtpu") is None:
         return None
-    from jax.experimental import topologies
-
     name = f"{_TPU_TOPOLOGIES[tpu.lower()]}:{_GRID_2D[n]}"
     devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     return devices if len(devices) == n else None
@@ -479,9 +426,6 @@ def ensure_fake_devices(n: int) -> None:
     (CPU); afterwards that flag has no effect, so too few devices is an error saying how to
     get them.
     """
-    import jax
-    from jax._src import xla_bridge
-
     if not xla_bridge.backends_are_initialized():
         os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), n)
     have = jax.device_count()
@@ -509,8 +453,6 @@ def split_options(overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         if sep and key.strip().startswith("dry_run."):
             name = key.strip()[len("dry_run."):]
             if name not in _OPTION_KEYS:
-                from ..config import ConfigError
-
                 raise ConfigError(f"unknown dry-run option {key.strip()!r}; options: "
                                   + ", ".join(f"dry_run.{k}" for k in _OPTION_KEYS))
             opts[name] = value
@@ -522,13 +464,11 @@ def split_options(overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 def reexec_command(config_path, overrides: Sequence[str], n: int,
                    env: dict | None = None) -> tuple[list[str], dict]:
     """``(argv, env)`` that re-runs the dry run in a fresh process with ``n`` CPU devices."""
-    import amrsd_jax
-
     env = dict(os.environ if env is None else env)
     env["XLA_FLAGS"] = _with_device_count(env.get("XLA_FLAGS", ""), n)
     env["JAX_PLATFORMS"] = "cpu"
     env[_CHILD_ENV] = "1"
-    root = str(Path(amrsd_jax.__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(
         os.pathsep) if p and p != root])
     argv = [sys.executable, "-m", "amrsd_jax.train.aot"]
@@ -548,9 +488,6 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
 
     Returns 0 if the run fits the HBM budget, 1 if not, 2 for a configuration error.
     """
-    from ..config import ConfigError
-    from .config import load_train_config
-
     try:
         rest, opts = split_options(overrides)
         config = load_train_config(config_path, rest)
@@ -585,9 +522,6 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
         return _report(config, tpu_devices, config_path, hbm_gib, tpu, sampler, json_path, out,
                        compile_only=True)
 
-    import jax
-    from jax._src import xla_bridge
-
     if not xla_bridge.backends_are_initialized():
         flags = os.environ.get("XLA_FLAGS", "")
         m = re.search(_COUNT_FLAG + r"=(\d+)", flags)
@@ -614,8 +548,6 @@ def _generation_in(name: str) -> str | None:
 
 def _report(config, devices, config_path, hbm_gib, tpu, sampler, json_path, out, *,
             compile_only: bool = False) -> int:
-    from ..config import ConfigError
-
     try:
         report = dry_run(config, devices=devices, hbm_gib=hbm_gib, tpu=tpu, sampler=sampler,
                          config_name=str(config_path or ""), compile_only=compile_only,

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import ConfigError, build, to_dict
-from ..credit.registry import get_method
+from ..batch import UpdateBatch, abstract_batch
+from ..config import ConfigError, load_config, to_dict
 from ..losses.policy import PolicyLossConfig
-from ..update import OptimizerConfig
+from ..methods import Method, get_method, method_settings
+from ..rollout.sampler import bucket_length
+from ..update import OptimizerConfig, StepConfig
 
 DATA_SOURCES = ("arithmetic", "local", "tfds")
 ON_LONG_PROMPT = ("skip", "truncate")
@@ -195,6 +197,17 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunShapes:
+    """The array shapes of one training iteration (as the trainer pads them)."""
+
+    rows: int  # B = prompts_per_step * group_size
+    micro_rows: int  # rows per micro-batch of the update step
+    prompt: int  # P: student prompt width (bucketed data.max_prompt_tokens)
+    response: int  # N: rollout.max_new_tokens (the sampler returns exactly N columns)
+    teacher_prompt: int  # Pt: teacher prompt width (bucketed, at least P)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A whole training run."""
 
@@ -220,7 +233,6 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    log_every: int = 1
     tensorboard: bool = True
     progress: bool = True
 
@@ -243,12 +255,7 @@ class TrainConfig:
             raise ValueError(
                 f"micro_batches={self.micro_batches} does not divide the step's "
                 f"{self.rollout.batch_size} rollouts (prompts_per_step x group_size)")
-        if method.teacher_context == "reference_solution" and not \
-                self.data.has_reference_solutions:
-            raise ValueError(
-                f"method {self.method!r} needs a reference solution per example, but data "
-                f"source {self.data.source!r} has none configured; set data.solution_field "
-                "(or data.answer_from_solution=true for GSM8K-style answers)")
+        method.check_run(self)
         if self.reflection.use_reference_solution and not self.data.has_reference_solutions:
             raise ValueError("reflection.use_reference_solution=true needs reference solutions "
                              "in the data (set data.solution_field)")
@@ -262,16 +269,37 @@ class TrainConfig:
         """Method ``name``'s (default: the selected method's) config dataclass built from
         ``method_config[name]``, or None for a method without settings."""
         name = name or self.method
-        method = get_method(name)  # unknown name -> error naming the nearest
-        section = self.method_config.get(name) or {}
-        if not isinstance(section, dict):
-            raise ValueError(f"method_config.{name} must be a mapping of {name}'s settings")
-        if method.config_type is None:
-            if section:
-                raise ValueError(f"method {name!r} takes no settings, got "
-                                 f"method_config.{name} = {section}")
-            return None
-        return build(method.config_type, section, prefix=f"method_config.{name}.")
+        return method_settings(name, self.method_config.get(name))
+
+    def make_method(self) -> Method:
+        """The selected method, configured by this run."""
+        return get_method(self.method).from_run(self)
+
+    def step_config(self, method: Method | None = None) -> StepConfig:
+        """What the update step computes for this run."""
+        return StepConfig(method=method or self.make_method(),
+                          group_size=self.rollout.group_size,
+                          advantage_scale=self.advantage_scale, micro_batches=self.micro_batches,
+                          policy=self.policy, vocab_chunk=self.vocab_chunk)
+
+    def shapes(self) -> "RunShapes":
+        """The array shapes of one iteration, as the trainer pads them."""
+        rows = self.rollout.batch_size
+        prompt = bucket_length(self.data.max_prompt_tokens)
+        return RunShapes(rows, rows // self.micro_batches, prompt, self.rollout.max_new_tokens,
+                         max(bucket_length(self.reflection.max_teacher_prompt_tokens), prompt))
+
+    def batch_fields(self, method: Method | None = None) -> tuple[str, ...]:
+        """The optional update-batch fields this run fills: the method's, plus the
+        reference log-probs when ``policy.kl_beta > 0``."""
+        method = method or self.make_method()
+        return tuple(method.fields) + (("ref_logprobs",) if self.policy.kl_beta > 0 else ())
+
+    def abstract_batch(self, mesh=None, method: Method | None = None) -> UpdateBatch:
+        """The update step's batch as ``ShapeDtypeStruct``s of this run's shapes."""
+        s = self.shapes()
+        return abstract_batch(self.batch_fields(method), rows=s.rows, prompt=s.prompt,
+                              response=s.response, teacher_prompt=s.teacher_prompt, mesh=mesh)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -301,26 +329,5 @@ def check_mesh(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
     return data, m.fsdp, m.tensor
 
 
-def update_batch_keys(config: TrainConfig) -> list[str]:
-    """The update-step batch keys a run feeds (fixed for the run): what the method's
-    scoring passes produce, plus the reference log-probs when ``policy.kl_beta > 0``."""
-    method = get_method(config.method)
-    keys = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards",
-            "sampler_logprobs", "old_logprobs"]
-    if "entropy" in method.passes:
-        keys.append("entropy")
-    if method.distillation:
-        keys += ["teacher_prompt_ids", "teacher_prompt_mask", "teacher_valid"]
-    elif method.teacher_context is not None:
-        keys.append("teacher_logprobs")
-    if config.policy.kl_beta > 0:
-        keys.append("ref_logprobs")
-    if method.passes & {"outcome_gradient", "outcome_perturbation"}:
-        keys.append("importance")
-    return keys
-
-
 def load_train_config(path=None, overrides=()) -> TrainConfig:
-    from ..config import load_config
-
     return load_config(TrainConfig, path, overrides)

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..data import ArithmeticTask, FieldMap, load_local, render_prompt
-from ..rollout.prompts import encode_chat, left_padded
+from ..data import ArithmeticTask, FieldMap, load_local, load_tfds, render_prompt
+from ..rollout.prompts import encode_chat
 from .config import DataConfig
 
 
@@ -51,8 +51,6 @@ def load_examples(cfg: DataConfig, split: str, *, seed: int = 0) -> tuple[list[d
             return [], 0, []
         result = load_local(path, _field_map(cfg))
     else:
-        from ..data import load_tfds
-
         name_split = cfg.train_split if split == "train" else cfg.eval_split
         result = load_tfds(cfg.tfds_name, name_split, _field_map(cfg),
                            data_dir=cfg.tfds_data_dir)
@@ -77,26 +75,3 @@ def prepare(tokenizer, examples: Sequence[dict], cfg: DataConfig, *,
     # up to a multiple of 8 only, instead of wasting up to a third of every row on padding
     longest = max((len(t) for t in tokens), default=1)
     return PreparedData(kept, tokens, -(-longest // 8) * 8, enc.skipped, enc.truncated, 0, [])
-
-
-def encode_teacher_prompts(tokenizer, messages: Sequence[str | None], fallback_ids: np.ndarray,
-                           fallback_mask: np.ndarray, *, max_tokens: int,
-                           system_prompt: str | None, pad_id: int, min_width: int = 0
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Left-padded teacher prompts ``(ids, mask, valid, truncated)``, ``[batch, width]``.
-
-    ``messages[i] is None`` means row ``i`` has no teacher context: it reuses its student
-    prompt (``fallback_ids/mask [batch, time]``) and is marked ``valid[i] = False``. The
-    width is at least the student prompt's and ``min_width``; prompts over ``max_tokens``
-    keep their last ``max_tokens`` tokens (``truncated`` counts them).
-    """
-    valid = np.array([m is not None for m in messages])
-    if not valid.any():
-        return fallback_ids, fallback_mask, valid, 0
-    enc = encode_chat(tokenizer, [m if m is not None else "" for m in messages],
-                      max_tokens=max_tokens, system_prompt=system_prompt, on_long="truncate")
-    width = max(enc.ids.shape[1], fallback_ids.shape[1], min_width)
-    rows = [enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
-            else fallback_ids[i][fallback_mask[i].astype(bool)] for i in range(len(messages))]
-    ids, mask = left_padded(rows, width, pad_id)
-    return ids, mask, valid, enc.truncated

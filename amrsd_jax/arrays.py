@@ -1,4 +1,7 @@
-"""Small jit-friendly helpers shared by the credit-assignment and loss modules.
+"""Shared jit-friendly array helpers of :mod:`amrsd_jax.credit` and :mod:`amrsd_jax.losses`.
+
+A low-level module: it depends on ``jax`` only, never on other ``amrsd_jax`` modules, so both
+the credit-assignment and the loss packages can import it without importing each other.
 
 Masks may be given as booleans or as 0/1 numbers; every helper treats any non-zero
 entry as "inside the mask".
@@ -8,6 +11,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+__all__ = ["Array", "as_bool_mask", "as_float", "masked_mean", "masked_sum", "safe_divide"]
 
 Array = jax.Array
 
