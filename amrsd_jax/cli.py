@@ -158,7 +158,7 @@ def cmd_generate(args) -> int:
 
     from .models import load_model
     from .models.tokenizer import apply_chat_template, encode_prompts
-    from .rollout import SamplingConfig, generate
+    from .rollout.sampler import SamplingConfig, generate, resolve_pad_id, resolve_stop_ids
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -170,10 +170,10 @@ def cmd_generate(args) -> int:
     enc = encode_prompts(tokenizer, texts)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k)
-    stops = sorted({tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
     t0 = time.perf_counter()
     out = generate(model, enc["input_ids"], enc["attention_mask"], jax.random.key(args.seed),
-                   cfg, stop_tokens=stops, pad_id=tokenizer.pad_token_id)
+                   cfg, stop_tokens=resolve_stop_ids(tokenizer, model.config),
+                   pad_id=resolve_pad_id(tokenizer))
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     elapsed = time.perf_counter() - t0
     for i, text in enumerate(texts):

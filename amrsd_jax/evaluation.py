@@ -28,7 +28,7 @@ import numpy as np
 from .data.arithmetic import render_prompt
 from .rewards.math_verifier import extract_answer, score_batch
 from .rollout.prompts import encode_chat
-from .rollout.sampler import SamplingConfig, generate
+from .rollout.sampler import SamplingConfig, generate, resolve_pad_id, resolve_stop_ids
 
 __all__ = ["EvalReport", "EvalSettings", "evaluate", "pass_at_k"]
 
@@ -217,8 +217,8 @@ def evaluate(model, tokenizer, examples: Sequence[dict], key: jax.Array,
     golds = [examples[i].get("answer") for i in kept]
     num_q, k = len(kept), settings.num_samples
 
-    stops = sorted({tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
-    pad_id = tokenizer.pad_token_id
+    stops = resolve_stop_ids(tokenizer, model.config)
+    pad_id = resolve_pad_id(tokenizer)
     runs = []  # (name, per_question, config, key)
     if settings.greedy:
         runs.append(("greedy", 1, settings.sampling_config(greedy=True), key))

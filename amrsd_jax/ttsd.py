@@ -48,9 +48,9 @@ from .methods.sdpo import SDPO
 from .models import load_model
 from .programs import build_programs
 from .reflection.contexts import sdpo_teacher_prompt
-from .rollout.prompts import encode_chat, encode_teacher_prompts, pad_id, stop_ids
+from .rollout.prompts import encode_chat, encode_teacher_prompts
 from .rollout.records import decode_responses, verify
-from .rollout.sampler import SamplingConfig
+from .rollout.sampler import SamplingConfig, resolve_pad_id, resolve_stop_ids
 from .sharding import shard_model, single_device_mesh
 from .train.phases import update_phase
 from .update import OptimizerConfig, StepConfig, make_optimizer
@@ -229,7 +229,8 @@ class TTSD:
                                                    policy=s.policy),
             optimizer=optimizer, batch=abstract_batch(self.method.fields, rows=s.k, prompt=1,
                                                       response=1),
-            pad_id=pad_id(tokenizer), stop_ids=stop_ids(tokenizer, self.model.config))
+            pad_id=resolve_pad_id(tokenizer),
+            stop_ids=resolve_stop_ids(tokenizer, self.model.config))
         self.state = self.teacher_params = None
 
     @property

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from amrsd_jax.config import ConfigError
-from amrsd_jax.credit.registry import METHODS, get_method
+from amrsd_jax.methods import METHODS
 from amrsd_jax.models import presets
 from amrsd_jax.train import aot
 from amrsd_jax.train.config import check_mesh, load_train_config
@@ -81,22 +81,22 @@ def test_tpu_config_data_fields():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_abstract_batch_has_the_trainers_keys(method):
+def test_abstract_batch_has_the_trainers_fields(method):
     cfg = load_train_config(None, [f"method={method}", "policy.kl_beta=0.01",
                                    "data.max_prompt_tokens=100", "rollout.max_new_tokens=40"])
-    batch = aot.abstract_batch(cfg)
-    passes = get_method(method).passes
-    assert ("teacher_logprobs" in batch) == (method in ("amr_sd", "rlsd"))
-    assert ("teacher_prompt_ids" in batch) == (method == "sdpo")
-    assert ("entropy" in batch) == ("entropy" in passes)
-    assert ("importance" in batch) == (method in ("oar_g", "oar_p"))
-    assert "ref_logprobs" in batch and "old_logprobs" in batch
+    batch = cfg.abstract_batch()
+    present = set(batch.present)
+    assert ("teacher_logprobs" in present) == (method in ("amr_sd", "rlsd"))
+    assert ("teacher_prompt_ids" in present) == (method == "sdpo")
+    assert ("entropy" in present) == (method == "hapo")
+    assert ("importance" in present) == (method in ("oar_g", "oar_p"))
+    assert {"ref_logprobs", "old_logprobs", "sampler_logprobs"} <= present
     b = cfg.rollout.batch_size
-    assert batch["prompt_ids"].shape == (b, 128)  # bucketed prompt width
-    assert batch["response_mask"].shape == (b, 40)  # the sampler returns max_new_tokens columns
-    assert batch["rewards"].shape == (b,)
-    if get_method(method).distillation:
-        assert batch["teacher_prompt_ids"].shape == (b, 384)  # reflection.max_teacher_prompt_tokens
+    assert batch.prompt_ids.shape == (b, 128)  # bucketed prompt width
+    assert batch.response_mask.shape == (b, 40)  # the sampler returns max_new_tokens columns
+    assert batch.rewards.shape == (b,)
+    if method == "sdpo":
+        assert batch.teacher_prompt_ids.shape == (b, 384)  # reflection.max_teacher_prompt_tokens
 
 
 def tiny_run(directory, *overrides):
@@ -187,3 +187,37 @@ def test_options_and_reexec_command(tmp_path):
     assert aot.main_dry_run(None, ["dry_run.target=tpu", "dry_run.tpu=v4"]) == 2
     with pytest.raises(RuntimeError, match="needs 10000 devices"):
         aot.ensure_fake_devices(10000)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+@pytest.mark.parametrize("method", ["amr_sd", "sdpo"])
+def test_dry_run_lowers_the_trainers_own_programs(tmp_path, method):
+    """The dry run builds its programs with the trainer's builder from shapes alone: the
+    update step and the scorer lower to the same program text as the trainer's, which
+    holds real weights."""
+    from conftest import write_tiny_checkpoint
+
+    from amrsd_jax.train.trainer import Trainer
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    config = load_train_config(None, [
+        f"model.name={ckpt}", f"method={method}", "mesh.data=2", "mesh.fsdp=2",
+        "mesh.tensor=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+        "rollout.max_new_tokens=8", "data.max_prompt_tokens=16", "data.train_size=8",
+        "data.eval_size=0", "checkpoint.every=0", "checkpoint.save_at_end=false",
+        "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path / 'run'}",
+        "progress=false", "tensorboard=false"])
+    trainer = Trainer(config, log=lambda m: None)
+    run = aot._abstract_run(config, jax.devices()[:8])
+    real, dry = trainer.programs, run.programs
+    batch = config.abstract_batch(real.mesh, trainer.method)
+    lowered_real = real.update.jitted.lower(trainer.state, batch, trainer.teacher_params,
+                                            real.update.other)
+    lowered_dry = dry.update.jitted.lower(run.state, dry.batch, run.teacher, dry.update.other)
+    assert lowered_real.as_text() == lowered_dry.as_text()
+    shapes = config.shapes()
+    seq = jax.ShapeDtypeStruct((shapes.rows, shapes.prompt), "int32")
+    resp = jax.ShapeDtypeStruct((shapes.rows, shapes.response), "int32")
+    assert real.score_old.lower(trainer.state.params, seq, seq, resp, resp).as_text() == \
+        dry.score_old.lower(run.state.params, seq, seq, resp, resp).as_text()
+    trainer.close()

@@ -5,7 +5,10 @@ import dataclasses
 import pytest
 
 from amrsd_jax.config import ConfigError, build, load_config, parse_overrides, to_dict
+from amrsd_jax.credit import AMRSDConfig
 from amrsd_jax.losses import PolicyLossConfig
+from amrsd_jax.methods import make_method, method_settings
+from amrsd_jax.train.config import load_train_config
 from amrsd_jax.update import OptimizerConfig, StepConfig
 
 
@@ -54,8 +57,21 @@ def test_safe_yaml_only(tmp_path):
         load_config(Demo, f)
 
 
-def test_step_config_from_mapping():
-    cfg = build(StepConfig, {"method": "amr_sd", "group_size": 4, "micro_batches": 2})
-    assert cfg.method_config is not None and cfg.micro_batches == 2
-    with pytest.raises(ConfigError, match="did you mean 'amr_sd'"):
-        build(StepConfig, {"method": "amrsd"})
+def test_method_settings_from_mapping():
+    # StepConfig.method is a Method object now; a method's settings are built from its
+    # ``method_config.<name>`` mapping by method_settings, with the same nearest-key errors.
+    settings = method_settings("amr_sd", {"tau": 0.3})
+    assert isinstance(settings, AMRSDConfig) and settings.tau == 0.3
+    cfg = StepConfig(method=make_method("amr_sd", settings), group_size=4, micro_batches=2)
+    assert cfg.method.config == settings and cfg.micro_batches == 2 and cfg.group_size == 4
+    with pytest.raises(TypeError, match="Method object"):
+        StepConfig(method="amr_sd")
+    with pytest.raises(ConfigError, match=r"'tua'.*did you mean 'tau'"):
+        method_settings("amr_sd", {"tua": 0.3})
+    with pytest.raises(ValueError, match="did you mean 'amr_sd'"):
+        method_settings("amrsd", {})
+    run = load_train_config(None, ["method=amr_sd", "method_config.amr_sd.tau=0.3"])
+    assert run.make_method().config.tau == 0.3
+    assert run.step_config().method.config.tau == 0.3
+    with pytest.raises(ConfigError, match="did you mean 'tau'"):
+        load_train_config(None, ["method=amr_sd", "method_config.amr_sd.tua=0.3"])

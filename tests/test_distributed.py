@@ -9,7 +9,7 @@ import textwrap
 
 CHILD = textwrap.dedent("""
     import jax
-    from amrsd_jax.train.trainer import maybe_initialize_distributed
+    from amrsd_jax.distributed import maybe_initialize_distributed
     assert maybe_initialize_distributed()
     print(jax.process_index(), jax.process_count(), jax.local_device_count(),
           jax.device_count(), flush=True)

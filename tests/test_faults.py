@@ -17,8 +17,9 @@ import pytest
 from conftest import write_tiny_checkpoint
 
 from amrsd_jax.rewards import VerifierResult, register_reward
-from amrsd_jax.train import rollouts
-from amrsd_jax.train.checkpoint import RunCheckpointer
+from amrsd_jax.rollout import records as rollouts
+from amrsd_jax.train import phases
+from amrsd_jax.train.checkpoint import RunCheckpointer, abstract_like
 from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.metrics import read_metrics
 from amrsd_jax.train.trainer import Trainer, TrainingStopped
@@ -74,12 +75,13 @@ def test_faulty_rewards_give_zero_and_are_counted(ckpt, tmp_path):
     trainer = Trainer(_config(ckpt, tmp_path, 1, "reward.wall_timeout_s=0.5",
                               reward="fault_flaky"))
     t0 = time.perf_counter()
-    metrics = trainer.train_step(0)
+    record = trainer.train_step(0)
+    metrics = record.metrics
     trainer.close()
-    texts = trainer.last_rollout["texts"]
+    texts = record.rollouts.texts
     expected_errors = sum(len(t) % 6 in (0, 1, 2, 3, 4) for t in texts)
     assert metrics["reward_errors"] == expected_errors > 0
-    assert trainer.counters["reward_errors"] == expected_errors
+    assert trainer.counters.reward_errors == expected_errors
     assert np.isfinite(metrics["loss"]) and metrics["update_skipped"] == 0
     hangs = sum(len(t) % 6 == 1 for t in texts)
     assert time.perf_counter() - t0 < 60 + 0.5 * hangs  # hangs are cut at 0.5 s each
@@ -128,7 +130,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(ckpt, tmp_path, monkeypatch):
                                     out.correct, out.errors)
         return out
 
-    monkeypatch.setattr(rollouts, "verify", poisoned)
+    monkeypatch.setattr(phases, "verify", poisoned)
     trainer = Trainer(_config(ckpt, tmp_path, 6, "max_consecutive_skips=2"))
     with pytest.raises(TrainingStopped, match="2 consecutive steps had non-finite"):
         trainer.run()
@@ -139,10 +141,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(ckpt, tmp_path, monkeypatch):
     # the checkpoints hold finite, last-good parameters; the stopping step wrote none
     with RunCheckpointer(tmp_path / "checkpoints", read_only=True) as ck:
         assert ck.all_steps()[-1] == 2
-        from amrsd_jax.train.checkpoint import abstract_like
-
         restored = ck.restore(2, abstract_train_state=abstract_like(
-            trainer.state, trainer.state_sharding))
+            trainer.state, trainer.programs.state_sharding))
     for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(restored.train_state.params)):
         assert np.all(np.isfinite(np.asarray(b)))
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -165,7 +165,8 @@ def test_long_prompts_skipped_or_truncated_and_counted(ckpt, tmp_path, policy):
         # the generation prompt survives truncation (the last tokens are kept)
         tail = trainer.tokenizer.decode(data.prompt_tokens[1][-8:].tolist())
         assert "assistant" in tail
-    assert trainer.counters[f"{'skipped' if policy == 'skip' else 'truncated'}_long_prompts"] == 1
+    assert getattr(trainer.counters,
+                   f"{'skipped' if policy == 'skip' else 'truncated'}_long_prompts") == 1
     trainer.close()
 
 

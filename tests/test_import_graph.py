@@ -325,7 +325,7 @@ def _graph_of(sources: dict[str, str]) -> list[Import]:
      False),
     ("amrsd_jax.credit.grpo", "from . import hapo", "amrsd_jax.credit.hapo", (), False),
     ("amrsd_jax.credit", "from .grpo import x", "amrsd_jax.credit.grpo", ("x",), False),
-    ("amrsd_jax.credit", "from . import registry", "amrsd_jax.credit.registry", (), False),
+    ("amrsd_jax.credit", "from . import cig", "amrsd_jax.credit.cig", (), False),
     ("amrsd_jax.credit.grpo", "from .. import arrays", "amrsd_jax.arrays", (), False),
     ("amrsd_jax.credit.grpo", "from .. import __version__", "amrsd_jax", ("__version__",),
      False),

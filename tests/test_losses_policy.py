@@ -55,10 +55,15 @@ def test_clipped_surrogate_hand_computed():
     # tok2: rho 1.1, A -1 -> 1.1;  tok3: rho 1, A 2 -> -2
     np.testing.assert_allclose(np.asarray(per_token), [[-1.28, 0.8, 1.1, -2.0]], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(stats["clipped"]), [[1, 1, 0, 0]])
-    loss, metrics = loss_fn(lp_new, lp_old, advantages, mask, PolicyLossConfig())
+    loss, sums = loss_fn(lp_new, lp_old, advantages, mask, PolicyLossConfig())
     np.testing.assert_allclose(float(loss), (-1.28 + 0.8 + 1.1 - 2.0) / 4, rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["clip_frac"]), 0.5)
-    np.testing.assert_allclose(float(metrics["ratio_mean"]), (1.5 + 0.5 + 1.1 + 1.0) / 4, rtol=1e-6)
+    # masked token sums (no lp_ref / lp_sampler / tis_cap -> only the three base statistics)
+    assert set(sums) == {"ratio_sum", "clipped_sum", "dual_clipped_sum"}
+    assert all(v.dtype == jnp.float32 and v.shape == () for v in sums.values())
+    n = mask.sum()
+    np.testing.assert_allclose(float(sums["clipped_sum"]) / n, 0.5)
+    np.testing.assert_allclose(float(sums["ratio_sum"]) / n, (1.5 + 0.5 + 1.1 + 1.0) / 4, rtol=1e-6)
+    assert float(sums["dual_clipped_sum"]) == 0.0  # dual clip off
     # gradient: d/dlp of -rho*A = -rho*A on unclipped tokens, 0 on clipped ones, / 4
     grad = jax.grad(lambda lp: loss_fn(lp, lp_old, advantages, mask, PolicyLossConfig())[0])(lp_new)
     np.testing.assert_allclose(np.asarray(grad), [[0.0, 0.0, 1.1 / 4, -2.0 / 4]], rtol=1e-6)
@@ -75,6 +80,11 @@ def test_nan_padding_never_leaks_into_loss_or_gradient():
     assert np.isfinite(float(value))
     np.testing.assert_array_equal(np.asarray(grad)[0, 2:], [0.0, 0.0])
     assert np.all(np.isfinite(np.asarray(grad)))
+    _, sums = loss_fn(lp_new, lp_old, advantages, mask, PolicyLossConfig())
+    assert all(np.isfinite(float(v)) for v in sums.values())
+    # only the 2 masked tokens count: ratios exp(0.1), exp(0.3), neither clipped
+    np.testing.assert_allclose(float(sums["ratio_sum"]), np.exp(0.1) + np.exp(0.3), rtol=1e-6)
+    assert float(sums["clipped_sum"]) == 0.0 and float(sums["dual_clipped_sum"]) == 0.0
 
 
 def test_dual_clip_kl_and_tis_hand_computed():
@@ -96,13 +106,22 @@ def test_dual_clip_kl_and_tis_hand_computed():
     kl = 1 / rho + np.log(rho) - 1
     np.testing.assert_allclose(np.asarray(per_token)[0], pg * tis + 0.5 * kl, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(stats["dual_clipped"]), [[1, 0, 0]])
-    loss, metrics = loss_fn(lp_new, lp_old, advantages, mask, cfg, lp_ref, lp_sampler)
+    loss, sums = loss_fn(lp_new, lp_old, advantages, mask, cfg, lp_ref, lp_sampler)
     np.testing.assert_allclose(float(loss), np.mean(pg * tis + 0.5 * kl), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["kl_k3_mean"]), kl.mean(), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["tis_weight_mean"]), tis.mean(), rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["sampler_logprob_abs_diff"]), (np.log(3) + np.log(2)) / 3, rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["dual_clip_frac"]), 1 / 3, rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["pg_loss"]), np.mean(pg * tis), rtol=1e-5)
+    assert set(sums) == {
+        "ratio_sum", "clipped_sum", "dual_clipped_sum", "kl_sum", "sampler_abs_diff_sum", "tis_weight_sum"
+    }
+    assert all(v.dtype == jnp.float32 and v.shape == () for v in sums.values())
+    n = mask.sum()  # masked-token count: sum / n is the old per-token mean
+    np.testing.assert_allclose(float(sums["kl_sum"]) / n, kl.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["tis_weight_sum"]) / n, tis.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["sampler_abs_diff_sum"]) / n, (np.log(3) + np.log(2)) / 3, rtol=1e-6)
+    np.testing.assert_allclose(float(sums["dual_clipped_sum"]) / n, 1 / 3, rtol=1e-6)
+    # pg_loss is no longer returned: recompute it from the per-token "pg" statistic with the
+    # public aggregation, and check the returned loss decomposes as pg_loss + kl_beta * kl mean.
+    pg_loss = aggregate_fn(stats["pg"], mask, cfg.aggregation, normalizer_fn(mask, cfg.aggregation))
+    np.testing.assert_allclose(float(pg_loss), np.mean(pg * tis), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(pg_loss) + 0.5 * float(sums["kl_sum"]) / n, rtol=1e-5)
     with pytest.raises(ValueError):
         per_token_policy_loss(lp_new, lp_old, advantages, mask, cfg, lp_ref)  # tis without sampler
     with pytest.raises(ValueError):
@@ -173,17 +192,27 @@ def test_micro_batches_sum_to_big_batch_exactly():
             _toy_lp_new(theta, FEATURES, np.where(mask, lp_old, 0.0)), lp_old, advantages, mask, cfg, lp_ref, lp_sampler
         )
         np.testing.assert_allclose(float(default_normalizer), float(big_loss), rtol=1e-6)  # local == global here
+    sums_cfg = MICRO_CFGS[0]  # every statistic is present (lp_ref, lp_sampler, tis_cap)
+    lp_new = _toy_lp_new(theta, FEATURES, np.where(mask, lp_old, 0.0))
+    _, big_sums = loss_fn(lp_new, lp_old, advantages, mask, sums_cfg, lp_ref, lp_sampler)
+    assert all(np.isfinite(float(v)) for v in big_sums.values())  # NaN padding never leaks
     for k in (2, 3):
         totals = [(0.0, np.zeros(3, np.float32)) for _ in MICRO_CFGS]
+        total_sums = {name: 0.0 for name in big_sums}
         for part in np.split(np.arange(6), k):
             results = _loss_and_grad_all_modes(
                 theta, FEATURES[part], lp_old[part], advantages[part], mask[part], lp_ref[part], lp_sampler[part],
                 normalizers,
             )
             totals = [(tl + float(l), tg + np.asarray(g)) for (tl, tg), (l, g) in zip(totals, results)]
+            _, sums = loss_fn(lp_new[part], lp_old[part], advantages[part], mask[part], sums_cfg, lp_ref[part],
+                              lp_sampler[part], normalizers[0])
+            total_sums = {name: total + float(sums[name]) for name, total in total_sums.items()}
         for cfg, (total_loss, total_grad), (big_loss, big_grad) in zip(MICRO_CFGS, totals, big):
             np.testing.assert_allclose(total_loss, float(big_loss), rtol=1e-5, atol=1e-7, err_msg=cfg.aggregation)
             np.testing.assert_allclose(total_grad, np.asarray(big_grad), rtol=1e-5, atol=1e-7, err_msg=cfg.aggregation)
+        for name, total in total_sums.items():  # the statistics' sums add up over micro-batches
+            np.testing.assert_allclose(total, float(big_sums[name]), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # --- GRPO-level properties -------------------------------------------------------------

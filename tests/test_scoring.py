@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from amrsd_jax.scoring import outcome_importance, response_logprobs, token_logprobs_from_hidden
-from amrsd_jax.update import ema_update
+from amrsd_jax.methods.oar import outcome_importance
+from amrsd_jax.methods.sdpo import SDPO
+from amrsd_jax.scoring import response_logprobs, token_logprobs_from_hidden
 
 from conftest import tiny_model
 
@@ -97,17 +98,31 @@ def test_oar_importance_from_the_model():
     np.testing.assert_allclose(s_p[0, 1], (outcome(RESP) - outcome(perturbed))[0], atol=1e-5)
 
 
+def _flat(state):
+    return [np.asarray(v[...]) for _, v in nnx.to_flat_state(state)]
+
+
 def test_ema_teacher_update():
+    """SDPO's teacher refresh: EMA toward the policy after an applied (finite) step, the
+    teacher unchanged after a skipped one, and frozen with ``ema_rate=None``."""
     teacher = nnx.state(tiny_model(seed=1), nnx.Param)
     params = nnx.state(tiny_model(seed=2), nnx.Param)
-    same = ema_update(teacher, params, 0.0)
-    new = ema_update(teacher, params, 0.05)
-    for (_, t), (_, p), (_, s), (_, n) in zip(*(nnx.to_flat_state(x)
-                                               for x in (teacher, params, same, new))):
-        np.testing.assert_array_equal(np.asarray(s[...]), np.asarray(t[...]))
-        np.testing.assert_allclose(np.asarray(n[...]),
-                                   0.95 * np.asarray(t[...]) + 0.05 * np.asarray(p[...]),
-                                   rtol=1e-6, atol=1e-7)
+    refresh = jax.jit(SDPO(ema_rate=0.05).refresh_teacher)  # traced, as in the update step
+    new = refresh(teacher, params, jnp.asarray(True))
+    skipped = refresh(teacher, params, jnp.asarray(False))
+    frozen = [SDPO(ema_rate=None).refresh_teacher(teacher, params, finite)
+              for finite in (True, jnp.asarray(True), jnp.asarray(False))]
+    assert jax.tree.structure(new) == jax.tree.structure(teacher)
+    t_flat, p_flat = _flat(teacher), _flat(params)
+    assert len(t_flat) == len(_flat(new)) > 0
+    # the two models differ, so "unchanged" below is not vacuous (norm scales are all ones)
+    assert any(not np.allclose(t, p) for t, p in zip(t_flat, p_flat))
+    for t, p, n, s in zip(t_flat, p_flat, _flat(new), _flat(skipped)):
+        np.testing.assert_allclose(n, 0.95 * t + 0.05 * p, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(s, t)
+    for f in frozen:
+        for t, x in zip(t_flat, _flat(f)):
+            np.testing.assert_array_equal(x, t)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

@@ -11,6 +11,7 @@ from flax import nnx
 
 from amrsd_jax.sharding import make_mesh, shard_batch
 from amrsd_jax.train.checkpoint import RunCheckpointer, abstract_like
+from amrsd_jax.batch import make_batch
 from amrsd_jax.update import (OptimizerConfig, StepConfig, TrainState, init_train_state,
                               make_optimizer, make_update_step, place_state)
 
@@ -39,11 +40,12 @@ def _host_batch(seed=0):
     b, p, n = 2 * G, 6, 5
     rewards = rng.integers(0, 2, b).astype(np.float32)
     rewards[0], rewards[1] = 1.0, 0.0  # a mixed group: non-zero advantages
-    return dict(prompt_ids=rng.integers(4, 96, (b, p)).astype(np.int32),
-                prompt_mask=np.ones((b, p), np.int32),
-                response_ids=rng.integers(4, 96, (b, n)).astype(np.int32),
-                response_mask=np.ones((b, n), np.int32), rewards=rewards,
-                old_logprobs=np.full((b, n), -np.log(96.0), np.float32))
+    old = np.full((b, n), -np.log(96.0), np.float32)
+    return make_batch(prompt_ids=rng.integers(4, 96, (b, p)).astype(np.int32),
+                      prompt_mask=np.ones((b, p), np.int32),
+                      response_ids=rng.integers(4, 96, (b, n)).astype(np.int32),
+                      response_mask=np.ones((b, n), np.int32), rewards=rewards,
+                      sampler_logprobs=old, old_logprobs=old)
 
 
 def _setup(tiny, mesh_shape):
@@ -55,7 +57,7 @@ def _setup(tiny, mesh_shape):
     batch = shard_batch(host_batch, mesh)
     # copy: on one device place_state aliases the model's buffers, which step_fn donates
     fresh = jax.tree.map(jnp.copy, init_train_state(model, optimizer))
-    state, _ = step_fn(place_state(fresh, state_sh), batch)
+    state, _, _ = step_fn(place_state(fresh, state_sh), batch)
     # a teacher (EMA-like) tree with its own values, sharded like the params
     teacher = jax.device_put(jax.tree.map(lambda x: 0.5 * x + 1.0, state.params),
                              state_sh.params)
@@ -91,7 +93,7 @@ def test_round_trip_and_resume_continues_identically(tmp_path, tiny):
     assert ckpt.save(1, train_state=state, teacher_params=teacher, rng_key=key,
                      data_state=DATA_STATE, config=CONFIG, extra=EXTRA)
     # the save has copied the arrays: donating them to the next step right away is safe
-    cont_state, cont_metrics = step_fn(state, batch)
+    cont_state, _, cont_metrics = step_fn(state, batch)
     cont_host = [np.asarray(x) for x in jax.tree.leaves(cont_state)]
     ckpt.close()
 
@@ -112,7 +114,7 @@ def test_round_trip_and_resume_continues_identically(tmp_path, tiny):
     assert (run.data_state, run.config, run.extra) == (DATA_STATE, CONFIG, EXTRA)
 
     # resuming from the restored state gives bit-identical results
-    resumed, metrics = step_fn(run.train_state, batch)
+    resumed, _, metrics = step_fn(run.train_state, batch)
     assert jax.tree.structure(resumed) == jax.tree.structure(cont_state)
     for a, b in zip(jax.tree.leaves(resumed), cont_host):
         np.testing.assert_array_equal(np.asarray(a), b)

@@ -29,6 +29,7 @@ from ..batch import abstract_batch, make_batch
 from ..methods import make_method
 from ..models import load_model
 from ..programs import build_programs
+from ..rollout.sampler import resolve_pad_id
 from ..sharding import shard_batch, single_device_mesh
 from ..update import OptimizerConfig, StepConfig, make_optimizer
 from .harness import Timing, format_table, measure_matmul_gflops, progress, time_runs, write_results
@@ -104,7 +105,7 @@ def _programs(model, mesh, method_name: str, group_size: int, micro: int, optimi
         model, mesh, step=StepConfig(method=method, group_size=group_size, micro_batches=micro),
         optimizer=optimizer,
         batch=abstract_batch(method.fields, rows=rows, prompt=prompt, response=response),
-        pad_id=model.config.pad_token_id or 0, stop_ids=model.config.eos_token_ids)
+        pad_id=resolve_pad_id(model.config), stop_ids=model.config.eos_token_ids)
 
 
 def main(args) -> int:

@@ -48,7 +48,7 @@ from ..data.arithmetic import ArithmeticTask
 from ..models import load_model
 from ..rollout.prompts import encode_chat
 from ..rollout.records import decode_responses, verify
-from ..rollout.sampler import SamplingConfig, generate
+from ..rollout.sampler import SamplingConfig, generate, resolve_pad_id, resolve_stop_ids
 from ..ttsd import TTSD, settings_from_args, summarize
 from .harness import progress, write_results
 
@@ -60,8 +60,7 @@ def select_hard(model, tokenizer, examples, render, n: int, max_new_tokens: int,
     """The first ``n`` examples whose greedy answer the math verifier rejects (scanned in
     batches of ``batch``, stopping once ``n`` are found); also returns the greedy accuracy
     of the scanned part of the pool."""
-    stops = sorted({*model.config.eos_token_ids,
-                    *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    stops = resolve_stop_ids(tokenizer, model.config)
     hard, scanned, correct = [], 0, 0
     for start in range(0, len(examples), batch):
         chunk = examples[start:start + batch]
@@ -69,7 +68,7 @@ def select_hard(model, tokenizer, examples, render, n: int, max_new_tokens: int,
                           on_long="truncate")
         out = generate(model, enc.ids, enc.mask, jax.random.key(0),
                        SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
-                       stop_tokens=stops, pad_id=tokenizer.pad_token_id)
+                       stop_tokens=stops, pad_id=resolve_pad_id(tokenizer))
         texts = decode_responses(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
         verified = verify(texts, [ex["answer"] for ex in chunk])
         scanned += len(chunk)

@@ -290,7 +290,7 @@ def policy_gradient_loss(
         lp_new, lp_old, token_advantages, mask, cfg, lp_ref=lp_ref, lp_sampler=lp_sampler
     )
     loss = aggregate_token_losses(per_token, mask, cfg.aggregation, normalizer)
-    weights = mask.astype(jnp.float32)
-    sums = {f"{k}_sum": jax.lax.stop_gradient(jnp.sum(v * weights))
+    sums = {f"{k}_sum": jax.lax.stop_gradient(jnp.sum(jnp.where(mask, v, 0.0),
+                                                       dtype=jnp.float32))
             for k, v in stats.items() if k != "pg"}
     return loss, sums

@@ -13,15 +13,21 @@ Adding a method ``x``:
    ``name``, ``config_type``, the optional batch ``fields`` it fills, and the hooks it
    changes (``teacher_inputs`` / ``score`` on the host, ``token_advantages`` /
    ``extra_loss`` / ``refresh_teacher`` traced, ``init_teacher`` / ``extra_programs`` at
-   build time); import it below;
+   build time). Every module of this folder is imported (and so registered) when the
+   package is, so nothing else changes;
 3. a test (``tests/test_methods.py`` registers a toy method from the test file and trains
    a step with it, without touching the library);
 4. ``configs/methods/x.yaml`` -- ``method: x`` and its ``method_config.x`` defaults.
 """
 
-from . import amr_sd, grpo, hapo, oar, rlsd, sdpo  # noqa: F401 - registers the methods
+import importlib
+import pkgutil
+
 from .base import (METHODS, Method, MethodContext, TeacherInputs, get_method, make_method,
                    method_settings, register)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # registers its methods
 
 __all__ = ["METHODS", "Method", "MethodContext", "TeacherInputs", "get_method", "make_method",
            "method_settings", "register"]

@@ -211,7 +211,7 @@ def method_settings(name: str, section: dict | None):
     """Method ``name``'s settings dataclass from a ``method_config.<name>`` mapping (or
     ``None`` for a method without settings); unknown keys are errors naming the nearest."""
     cls = get_method(name)
-    section = section or {}
+    section = {} if section is None else section
     if not isinstance(section, dict):
         raise ValueError(f"method_config.{name} must be a mapping of {name}'s settings")
     if cls.config_type is None:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models.tokenizer import apply_chat_template
-from .sampler import DEFAULT_BUCKETS, bucket_length
+from .sampler import DEFAULT_BUCKETS, bucket_length, resolve_pad_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,21 +25,6 @@ class EncodedPrompts:
     kept: tuple[int, ...]
     skipped: int
     truncated: int
-
-
-def pad_id(tokenizer) -> int:
-    """The one pad-id rule: the tokenizer's pad token, else its EOS, else 0. Pad positions
-    are always masked, so the value only has to be a valid token id."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def stop_ids(tokenizer, model_config) -> list[int]:
-    """Tokens that end a response: the model's EOS ids and the tokenizer's EOS."""
-    extra = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return sorted({*model_config.eos_token_ids, *extra})
 
 
 def encode_chat(tokenizer, messages: Sequence[str], *, max_tokens: int,
@@ -74,7 +59,7 @@ def _left_pad_bucketed(tokenizer, rows: Sequence[Sequence[int]], buckets, min_wi
     bucket."""
     longest = max(max((len(r) for r in rows), default=1), min_width)
     width = bucket_length(longest, buckets) if buckets else longest
-    return left_padded(rows, width, pad_id(tokenizer))
+    return left_padded(rows, width, resolve_pad_id(tokenizer))
 
 
 def left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray,
@@ -141,5 +126,5 @@ def encode_teacher_prompts(tokenizer, messages: Sequence[str | None], fallback_i
     width = max(enc.ids.shape[1], fallback_ids.shape[1], min_width)
     rows = [enc.ids[i][enc.mask[i].astype(bool)] if valid[i]
             else fallback_ids[i][fallback_mask[i].astype(bool)] for i in range(len(messages))]
-    ids, mask = left_padded(rows, width, pad_id(tokenizer))
+    ids, mask = left_padded(rows, width, resolve_pad_id(tokenizer))
     return ids, mask, valid, enc.truncated

@@ -35,6 +35,23 @@ DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536,
                    4096, 6144, 8192)
 
 
+def resolve_pad_id(source) -> int:
+    """The one pad-id rule, for a tokenizer or a model config: its pad token, else its
+    (first) EOS, else 0. Pad positions are always masked, so the value only has to be a
+    valid token id."""
+    eos = getattr(source, "eos_token_id", None)
+    candidates = (getattr(source, "pad_token_id", None),
+                  eos if not isinstance(eos, (list, tuple)) else (eos[0] if eos else None),
+                  *(getattr(source, "eos_token_ids", None) or ())[:1])
+    return next((int(v) for v in candidates if v is not None), 0)
+
+
+def resolve_stop_ids(tokenizer, model_config) -> list[int]:
+    """Tokens that end a response: the model's EOS ids and the tokenizer's EOS."""
+    extra = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return sorted({*model_config.eos_token_ids, *extra})
+
+
 def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
     """Smallest bucket ``>= n`` (multiples of the largest bucket beyond it)."""
     for b in buckets:
@@ -390,7 +407,7 @@ def _host_inputs(cfg, ids, mask, config: SamplingConfig, stop_tokens, pad_id, bu
     """Bucketed, left-padded ``ids, mask``, the stop matrix, the pad id and the bucketed
     number of new tokens (defaults from the model config)."""
     if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+        pad_id = resolve_pad_id(cfg)
     if stop_tokens is None:
         stop_tokens = list(cfg.eos_token_ids)
     width = bucket_length(ids.shape[1], buckets) if buckets else ids.shape[1]

@@ -59,7 +59,7 @@ from ..config import ConfigError
 from ..models.decoder import Decoder
 from ..models.presets import PRESETS, architecture_config, match_preset, preset_names
 from ..programs import Programs, build_programs
-from ..rollout.sampler import SamplingConfig, bucket_length
+from ..rollout.sampler import SamplingConfig, bucket_length, resolve_pad_id
 from ..sharding import make_mesh
 from ..update import TrainState, make_optimizer
 from .config import check_mesh, load_train_config
@@ -214,7 +214,7 @@ def _abstract_run(config, devices) -> _AbstractRun:
     programs = build_programs(model, mesh, step=config.step_config(method),
                               optimizer=make_optimizer(config.optimizer),
                               batch=config.abstract_batch(mesh, method),
-                              pad_id=arch.pad_token_id or 0, stop_ids=arch.eos_token_ids)
+                              pad_id=resolve_pad_id(arch), stop_ids=arch.eos_token_ids)
     params = nnx.state(model, nnx.Param)
     state = _with_shardings(jax.eval_shape(lambda: TrainState(
         params, programs.optimizer.init(params), jnp.zeros((), jnp.int32))),
@@ -501,20 +501,8 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
             raise ValueError(f"target must be auto, cpu or tpu, got {target!r}")
         n = needed_devices(config, opts.get("devices"))
         hbm_budget(hbm_gib, tpu)  # validate the TPU name before compiling anything
-        generation = tpu or _generation_in(str(config_path or ""))
-        tpu_devices = None
-        if target != "cpu":
-            try:
-                tpu_devices = tpu_topology_devices(generation, n)
-            except Exception as e:  # noqa: BLE001 - libtpu present but unusable: say so
-                if target == "tpu":
-                    raise ValueError(f"libtpu could not make a {generation} topology: {e}")
-                out(f"[dry run] libtpu could not make a {generation} topology ({e}); "
-                    "using fake CPU devices")
-        if target == "tpu" and tpu_devices is None:
-            raise ValueError(f"--target tpu needs the libtpu package and a TPU generation among "
-                             f"{sorted(_TPU_TOPOLOGIES)} with a chip count among "
-                             f"{sorted(_GRID_2D)} (got {generation!r}, {n} chips)")
+        tpu_devices = _tpu_devices(target, tpu or _generation_in(str(config_path or "")), n,
+                                   out)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -539,6 +527,26 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
             f"re-running with {n} fake CPU devices ({_COUNT_FLAG}={n})")
         return subprocess.run(argv, env=env, check=False).returncode
     return _report(config, devices[:n], config_path, hbm_gib, tpu, sampler, json_path, out)
+
+
+def _tpu_devices(target: str, generation: str | None, n: int, out):
+    """Compile-only TPU devices for ``target`` tpu / auto (``None``: use CPU devices); a
+    ``ValueError`` when ``target`` is tpu and they cannot be made."""
+    if target == "cpu":
+        return None
+    devices = None
+    try:
+        devices = tpu_topology_devices(generation, n)
+    except Exception as e:  # noqa: BLE001 - libtpu present but unusable: say so
+        if target == "tpu":
+            raise ValueError(f"libtpu could not make a {generation} topology: {e}")
+        out(f"[dry run] libtpu could not make a {generation} topology ({e}); using fake CPU "
+            "devices")
+    if target == "tpu" and devices is None:
+        raise ValueError(f"--target tpu needs the libtpu package and a TPU generation among "
+                         f"{sorted(_TPU_TOPOLOGIES)} with a chip count among "
+                         f"{sorted(_GRID_2D)} (got {generation!r}, {n} chips)")
+    return devices
 
 
 def _generation_in(name: str) -> str | None:

@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..data import ArithmeticTask, FieldMap, load_local, load_tfds, render_prompt
+import jax
+
+from ..data import ArithmeticTask, FieldMap, PromptStream, load_local, load_tfds, render_prompt
 from ..rollout.prompts import encode_chat
 from .config import DataConfig
 
@@ -75,3 +77,34 @@ def prepare(tokenizer, examples: Sequence[dict], cfg: DataConfig, *,
     # up to a multiple of 8 only, instead of wasting up to a third of every row on padding
     longest = max((len(t) for t in tokens), default=1)
     return PreparedData(kept, tokens, -(-longest // 8) * 8, enc.skipped, enc.truncated, 0, [])
+
+
+def prepare_split(tokenizer, run, split: str, examples=None, log=print) -> PreparedData:
+    """:func:`prepare` the run's ``split`` ("train" / "eval"), loading the examples from
+    ``run.data`` unless given; bad rows and over-long prompts are counted and reported."""
+    skipped_rows, problems = 0, []
+    if examples is None:
+        examples, skipped_rows, problems = load_examples(run.data, split)
+        for p in problems[:5]:
+            log(f"skipped bad {split} row: {p}")
+    data = prepare(tokenizer, examples, run.data, system_prompt=run.model.system_prompt)
+    if data.skipped_long or data.truncated_long or skipped_rows:
+        log(f"{split}: {len(data.examples)} prompts; {skipped_rows} bad rows skipped, "
+            f"{data.skipped_long} over {run.data.max_prompt_tokens} tokens skipped, "
+            f"{data.truncated_long} truncated")
+    return dataclasses.replace(data, skipped_rows=skipped_rows, problems=problems)
+
+
+def prompt_stream(data: PreparedData, run) -> PromptStream:
+    """This process's share of ``rollout.prompts_per_step`` prompts per step, shuffled by
+    the run seed, epoch after epoch."""
+    if not data.examples:
+        raise ValueError("no training examples left after loading and the prompt budget "
+                         f"(skipped {data.skipped_long} long prompts)")
+    prompts = run.rollout.prompts_per_step
+    per_host, rem = divmod(prompts, jax.process_count())
+    if rem:
+        raise ValueError(f"rollout.prompts_per_step={prompts} is not divisible by the "
+                         f"{jax.process_count()} processes")
+    return PromptStream(list(range(len(data.examples))), per_host, seed=run.seed,
+                        shard_index=jax.process_index(), shard_count=jax.process_count())

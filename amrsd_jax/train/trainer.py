@@ -14,7 +14,6 @@ update step produces. Randomness is ``fold_in(run_key, step)``, so a run resumed
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -29,26 +28,21 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..data import PromptStream
 from ..distributed import maybe_initialize_distributed
 from ..evaluation import EvalSettings, evaluate
 from ..methods.base import MethodContext
 from ..models import load_model
 from ..programs import build_programs
-from ..rollout.prompts import pad_id, stop_ids
+from ..rollout.sampler import resolve_pad_id, resolve_stop_ids
 from ..sharding import make_mesh, shard_model
 from ..update import make_optimizer
 from .checkpoint import RunCheckpointer, abstract_like
 from .config import TrainConfig, check_mesh
-from .data import PreparedData, load_examples, prepare
+from .data import prepare_split, prompt_stream
 from .metrics import MetricsLogger, PhaseTimer
+from .loop import StepLoop, TrainingStopped  # noqa: F401 - raised by the loop, part of the API
 from .phases import (Counters, StepRecord, bucket_rows, drop_groups, rollout_phase, row_quantum,
                      score_phase, update_phase)
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (too many non-finite steps); the last good checkpoint is
-    intact."""
 
 
 class Trainer:
@@ -67,14 +61,15 @@ class Trainer:
         self.mesh = make_mesh(*check_mesh(cfg, jax.device_count()))
         self.output_dir = Path(cfg.output_dir)
         self.model, self.tokenizer = self._load(model, tokenizer)
-        self.train_data = self._prepare("train", train_examples)
-        self.eval_data = self._prepare("eval", eval_examples)
-        self.stream = self._stream()
+        self.train_data = prepare_split(self.tokenizer, cfg, "train", train_examples, self.log)
+        self.eval_data = prepare_split(self.tokenizer, cfg, "eval", eval_examples, self.log)
+        self.stream = prompt_stream(self.train_data, cfg)
         self.method = cfg.make_method()
         self.programs = build_programs(
             self.model, self.mesh, step=cfg.step_config(self.method),
             optimizer=make_optimizer(cfg.optimizer), batch=cfg.abstract_batch(method=self.method),
-            pad_id=pad_id(self.tokenizer), stop_ids=stop_ids(self.tokenizer, self.model.config))
+            pad_id=resolve_pad_id(self.tokenizer),
+            stop_ids=resolve_stop_ids(self.tokenizer, self.model.config))
         params = nnx.state(self.model, nnx.Param)
         # weight copies made before the first step donates the live ones
         self.teacher_params = self.method.init_teacher(params)
@@ -112,33 +107,6 @@ class Trainer:
         self.log(f"loaded {cfg.name} ({model.config.num_params() / 1e6:.0f}M params) in "
                  f"{time.perf_counter() - t0:.1f}s")
         return model, tokenizer
-
-    def _prepare(self, split: str, examples) -> PreparedData:
-        skipped_rows, problems = 0, []
-        if examples is None:
-            examples, skipped_rows, problems = load_examples(self.config.data, split)
-            for p in problems[:5]:
-                self.log(f"skipped bad {split} row: {p}")
-        data = prepare(self.tokenizer, examples, self.config.data,
-                       system_prompt=self.config.model.system_prompt)
-        if data.skipped_long or data.truncated_long or skipped_rows:
-            self.log(f"{split}: {len(data.examples)} prompts; {skipped_rows} bad rows skipped, "
-                     f"{data.skipped_long} over {self.config.data.max_prompt_tokens} tokens "
-                     f"skipped, {data.truncated_long} truncated")
-        return dataclasses.replace(data, skipped_rows=skipped_rows, problems=problems)
-
-    def _stream(self) -> PromptStream:
-        if not self.train_data.examples:
-            raise ValueError("no training examples left after loading and the prompt budget "
-                             f"(skipped {self.train_data.skipped_long} long prompts)")
-        prompts = self.config.rollout.prompts_per_step
-        per_host, rem = divmod(prompts, jax.process_count())
-        if rem:
-            raise ValueError(f"rollout.prompts_per_step={prompts} is not divisible by the "
-                             f"{jax.process_count()} processes")
-        return PromptStream(list(range(len(self.train_data.examples))), per_host,
-                            seed=self.config.seed, shard_index=jax.process_index(),
-                            shard_count=jax.process_count())
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, step: int) -> StepRecord:
@@ -280,7 +248,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {cfg.method}",
                    unit="step", dynamic_ncols=True) if cfg.progress and self.is_main else None
-        loop = _Loop(self, bar)
+        loop = StepLoop(self, bar)
         try:
             loop.run()
         finally:
@@ -299,60 +267,6 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.metrics.close()
-
-
-@dataclasses.dataclass
-class _Loop:
-    """The step loop of :meth:`Trainer.run`: train, log, evaluate and checkpoint on
-    schedule, stop on SIGTERM or too many non-finite steps."""
-
-    trainer: Trainer
-    bar: Any
-    history: list = dataclasses.field(default_factory=list)
-    last_eval: dict | None = None
-    eval_step: int | None = None
-
-    def evaluate(self, step: int) -> None:
-        self.last_eval, self.eval_step = self.trainer.evaluate(step), step
-
-    def run(self) -> None:
-        t, cfg = self.trainer, self.trainer.config
-        if cfg.eval.at_start and t.start_step == 0:
-            self.evaluate(0)
-        step = t.start_step
-        while step < cfg.steps:
-            self.log(t.train_step(step).metrics, step + 1)
-            step += 1
-            if t.counters.consecutive_skips >= cfg.max_consecutive_skips:
-                raise TrainingStopped(
-                    f"{t.counters.consecutive_skips} consecutive steps had non-finite loss or "
-                    f"gradients (step {step}); stopping. The last good checkpoint in "
-                    f"{t.output_dir / 'checkpoints'} is intact; lower the learning rate or "
-                    "check the rewards, then --resume")
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                self.evaluate(step)
-            scheduled = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-            if scheduled or t._stop_requested:
-                t.save(step)
-            if t._stop_requested:
-                t.log(f"stopped after step {step} on SIGTERM; checkpoint saved")
-                return
-        if cfg.eval.at_end:
-            self.evaluate(step)
-        if cfg.checkpoint.save_at_end and not (cfg.checkpoint.every
-                                               and step % cfg.checkpoint.every == 0):
-            t.save(step)
-
-    def log(self, metrics: dict, step: int) -> None:
-        # run totals next to the step's own counts (redactions, reward_errors ...)
-        metrics.update({f"total/{k}": v for k, v in self.trainer.counters.as_dict().items()})
-        self.history.append(self.trainer.metrics.log(step, metrics))
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                 acc=f"{metrics['accuracy']:.2f}",
-                                 len=f"{metrics['response_length_mean']:.0f}",
-                                 s=f"{metrics['time/step']:.1f}")
 
 
 def train(config: TrainConfig, *, resume: bool = False, **kwargs) -> dict[str, Any]:
