@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Array", "as_bool_mask", "as_float", "masked_mean", "masked_sum", "safe_divide"]
+__all__ = ["Array", "as_bool_mask", "as_float", "masked_mean", "masked_sum", "safe_divide",
+           "token_entropy"]
 
 Array = jax.Array
 
@@ -53,3 +54,21 @@ def masked_mean(x: Array, mask: Array, axis=None) -> Array:
     count = jnp.sum(mask, axis=axis).astype(as_float(x).dtype)
     return safe_divide(masked_sum(as_float(x), mask, axis=axis), count)
 
+
+def token_entropy(logits: Array) -> Array:
+    """Entropy (nats) of ``softmax(logits)`` over the last axis.
+
+    Numerically stable (``log_softmax``); ``-inf`` logits (masked vocabulary entries)
+    contribute 0 and give finite gradients.
+
+    Args:
+      logits: ``[..., V]`` logits (or log-probs), e.g. ``[B, T, V]``.
+
+    Returns:
+      ``[...]`` entropies, e.g. ``[B, T]``.
+    """
+    log_probs = jax.nn.log_softmax(as_float(logits), axis=-1)
+    probs = jnp.exp(log_probs)
+    positive = probs > 0
+    safe_log_probs = jnp.where(positive, log_probs, 0.0)
+    return -jnp.sum(jnp.where(positive, probs * safe_log_probs, 0.0), axis=-1)

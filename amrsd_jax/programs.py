@@ -68,9 +68,10 @@ class Programs:
         return self.step.method
 
     def init_state(self) -> TrainState:
-        """A fresh train state from the model's current weights, on the mesh (a copy: the
-        update step donates its state)."""
-        params = jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param))
+        """A fresh train state from the model's current weights, on the mesh. It shares the
+        model's buffers (no second copy): the update step donates them, and the model is
+        given the new weights after every step."""
+        params = nnx.state(self.model, nnx.Param)
         state = TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
         return jax.device_put(state, self.state_sharding)
 
@@ -114,8 +115,9 @@ def build_programs(model: Decoder, mesh: Mesh, *, step: StepConfig,
     method = step.method
     update, state_sharding = make_update_step(model, optimizer, step, mesh, batch)
     score = make_scorer(model, mesh, vocab_chunk=step.vocab_chunk)
+    # the old-policy pass also returns per-token entropies when the batch takes them
     score_old = (make_scorer(model, mesh, vocab_chunk=step.vocab_chunk, with_entropy=True)
-                 if method.old_pass_entropy else score)
+                 if batch.entropy is not None else score)
     extra = method.extra_programs(ProgramBuilder(graphdef, other, mesh, pad_id,
                                                  step.vocab_chunk))
     return Programs(model, mesh, step, optimizer, update, state_sharding, score, score_old,

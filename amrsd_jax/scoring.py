@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .credit.hapo import token_entropy
+from .arrays import token_entropy
 from .models.decoder import Decoder
 from .sharding import DEFAULT_RULES, batch_sharding
 

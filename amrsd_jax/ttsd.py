@@ -329,10 +329,9 @@ class TTSD:
                 t0 = time.perf_counter()
                 out = self.sample(prompt_ids, prompt_mask, jax.random.fold_in(key, r))
                 texts = decode_responses(self.tokenizer, out.tokens, out.lengths)
-                verified = verify(texts, golds,
-                                           reward=s.reward if reward is None else reward,
-                                           success_threshold=s.success_threshold,
-                                           timeout_s=s.reward_timeout_s)
+                verified = verify(texts, golds, reward=s.reward if reward is None else reward,
+                                  success_threshold=s.success_threshold,
+                                  timeout_s=s.reward_timeout_s)
                 correct = [bool(c) for c in verified.correct]
                 rec = TTSDRound(r, [float(x) for x in verified.rewards], correct, texts,
                                 [None] * s.k)

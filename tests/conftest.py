@@ -10,6 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def library_methods() -> list[str]:
+    """The methods the library ships (not ones a test file registers), sorted."""
+    from amrsd_jax.methods import METHODS
+
+    return sorted(n for n, cls in METHODS.items() if cls.__module__.startswith("amrsd_jax."))
+
+
 def tiny_config(model_type="llama", **overrides):
     from amrsd_jax.models import DecoderConfig
 

@@ -8,12 +8,11 @@ import jax
 import pytest
 
 from amrsd_jax.config import ConfigError
-from amrsd_jax.methods import METHODS
 from amrsd_jax.models import presets
 from amrsd_jax.train import aot
 from amrsd_jax.train.config import check_mesh, load_train_config
 
-from conftest import tiny_config
+from conftest import library_methods, tiny_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TPU_CONFIGS = {"tpu_qwen2.5-math-1.5b_gsm8k_v5e-8.yaml": (8, "qwen2.5-math-1.5b-instruct"),
@@ -80,7 +79,7 @@ def test_tpu_config_data_fields():
     assert math.has_reference_solutions
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", library_methods())
 def test_abstract_batch_has_the_trainers_fields(method):
     cfg = load_train_config(None, [f"method={method}", "policy.kl_beta=0.01",
                                    "data.max_prompt_tokens=100", "rollout.max_new_tokens=40"])
@@ -203,7 +202,7 @@ def test_dry_run_lowers_the_trainers_own_programs(tmp_path, method):
     config = load_train_config(None, [
         f"model.name={ckpt}", f"method={method}", "mesh.data=2", "mesh.fsdp=2",
         "mesh.tensor=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
-        "rollout.max_new_tokens=8", "data.max_prompt_tokens=16", "data.train_size=8",
+        "rollout.max_new_tokens=8", "data.max_prompt_tokens=64", "data.train_size=8",
         "data.eval_size=0", "checkpoint.every=0", "checkpoint.save_at_end=false",
         "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path / 'run'}",
         "progress=false", "tensorboard=false"])

@@ -8,9 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_tiny_checkpoint  # also registers reward test_even_length
+from conftest import library_methods, write_tiny_checkpoint  # also registers reward test_even_length
 
-from amrsd_jax.methods import METHODS
 from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.metrics import read_metrics
 from amrsd_jax.train.trainer import Trainer
@@ -45,7 +44,7 @@ def _comparable(record):
             and k != "tokens_per_second"}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", library_methods())
 def test_train_checkpoint_resume_identical(method, checkpoint_dir, tmp_path):
     # uninterrupted: 3 steps, checkpoints after steps 2 and 3
     full = Trainer(_config(checkpoint_dir, tmp_path / "full", method, 3))

@@ -16,7 +16,7 @@ from flax import nnx
 
 from ..models import load_model, resolve_checkpoint
 from ..models.tokenizer import apply_chat_template, encode_prompts
-from ..rollout import SamplingConfig, generate
+from ..rollout import SamplingConfig, generate, resolve_pad_id
 from .harness import (format_table, measure_copy_bandwidth, measure_matmul_gflops, progress,
                       time_runs, write_results)
 
@@ -37,7 +37,7 @@ def main(args) -> int:
 
     def run_jax():
         out = generate(model, enc["input_ids"], enc["attention_mask"], next(keys), cfg,
-                       stop_tokens=[], pad_id=tokenizer.pad_token_id)
+                       stop_tokens=[], pad_id=resolve_pad_id(tokenizer))
         jax.block_until_ready(out.tokens)
         assert int(np.asarray(out.lengths).min()) == args.new_tokens
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from amrsd_jax.arrays import as_bool_mask, as_float, masked_mean
+from amrsd_jax.arrays import token_entropy  # noqa: F401 - public here since the start
 
 Array = jax.Array
 
@@ -41,25 +42,6 @@ class HAPOConfig:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if self.phi <= 0:
             raise ValueError(f"phi must be > 0, got {self.phi}")
-
-
-def token_entropy(logits: Array) -> Array:
-    """Entropy (nats) of ``softmax(logits)`` over the last axis.
-
-    Numerically stable (``log_softmax``); ``-inf`` logits (masked vocabulary entries)
-    contribute 0 and give finite gradients.
-
-    Args:
-      logits: ``[..., V]`` logits (or log-probs), e.g. ``[B, T, V]``.
-
-    Returns:
-      ``[...]`` entropies, e.g. ``[B, T]``.
-    """
-    log_probs = jax.nn.log_softmax(as_float(logits), axis=-1)
-    probs = jnp.exp(log_probs)
-    positive = probs > 0
-    safe_log_probs = jnp.where(positive, log_probs, 0.0)
-    return -jnp.sum(jnp.where(positive, probs * safe_log_probs, 0.0), axis=-1)
 
 
 def hapo_token_advantages(

@@ -83,6 +83,7 @@ class AMRSD(Method):
     name = "amr_sd"
     config_type = AMRSDConfig
     fields = ("teacher_logprobs",)
+    counters = ("redactions", "truncated_teacher_prompts")
     description = ("self-written hint/critique as teacher context; asymmetric ReLU gate on the "
                    "clipped causal information gain, annealed to GRPO")
 

@@ -93,8 +93,8 @@ class Method:
     config_type: ClassVar[type | None] = None
     #: optional :class:`UpdateBatch` fields this method fills (``score``) and reads
     fields: ClassVar[tuple[str, ...]] = ()
-    #: the old-policy scoring pass also returns per-token entropies (HAPO)
-    old_pass_entropy: ClassVar[bool] = False
+    #: run counters this method reports (``TeacherInputs.counts``), logged from step 1
+    counters: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
     def __init__(self, config=None):

@@ -15,8 +15,7 @@ from .base import Method, register
 class HAPO(Method):
     name = "hapo"
     config_type = HAPOConfig
-    fields = ("entropy",)
-    old_pass_entropy = True
+    fields = ("entropy",)  # filled by the old-policy pass (the scorer returns it alongside)
     description = "entropy-capacity sign-preserving reallocation (our form of the principle)"
 
     def token_advantages(self, advantages, batch, mask, step):

@@ -23,6 +23,7 @@ class RLSD(Method):
     name = "rlsd"
     config_type = RLSDConfig
     fields = ("teacher_logprobs",)
+    counters = ("truncated_teacher_prompts",)
     description = "reference solution as teacher context; clipped sign-aware likelihood ratio"
 
     @classmethod

@@ -29,6 +29,7 @@ class SDPO(Method):
     name = "sdpo"
     config_type = SDPOConfig
     fields = ("teacher_prompt_ids", "teacher_prompt_mask", "teacher_valid")
+    counters = ("truncated_teacher_prompts",)
     description = "GRPO policy loss plus distillation toward the reprompted EMA teacher"
 
     def __init__(self, config=None, *, ema_rate: float | None = 0.05):

@@ -75,8 +75,6 @@ def group_peer(index: int, texts: Sequence[str], verified: Verified,
                        verified.correct[g0:g0 + group_size].tolist())
 
 
-
-
 @dataclasses.dataclass
 class Rollouts:
     """The ``B = prompts x G`` rollouts of one step and their verifier outcome (host).

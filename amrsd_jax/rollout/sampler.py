@@ -39,11 +39,12 @@ def resolve_pad_id(source) -> int:
     """The one pad-id rule, for a tokenizer or a model config: its pad token, else its
     (first) EOS, else 0. Pad positions are always masked, so the value only has to be a
     valid token id."""
-    eos = getattr(source, "eos_token_id", None)
-    candidates = (getattr(source, "pad_token_id", None),
-                  eos if not isinstance(eos, (list, tuple)) else (eos[0] if eos else None),
-                  *(getattr(source, "eos_token_ids", None) or ())[:1])
-    return next((int(v) for v in candidates if v is not None), 0)
+    for value in (getattr(source, "pad_token_id", None), getattr(source, "eos_token_id", None)):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def resolve_stop_ids(tokenizer, model_config) -> list[int]:

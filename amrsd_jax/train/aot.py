@@ -1,10 +1,12 @@
 """``python run.py train --config X --dry-run``: will this run fit in the accelerator's memory?
 
-:func:`dry_run` builds the run's programs exactly as the trainer does -- the abstract model
-(``nnx.eval_shape``: shapes only, no weights), the ``(data, fsdp, tensor)`` mesh, the optimizer,
-:func:`~amrsd_jax.update.make_update_step` with a batch of the run's real shapes, the scorer
-and the rollout sampler -- and compiles them ahead of time from ``ShapeDtypeStruct``s that
-carry the real shardings. XLA's ``memory_analysis()`` of each compiled program gives the
+:func:`dry_run` builds the run's programs with the trainer's own builder,
+:func:`~amrsd_jax.programs.build_programs`, on the abstract model (``nnx.eval_shape``: shapes
+only, no weights), the ``(data, fsdp, tensor)`` mesh and the update batch of the run's real
+shapes, and compiles the sampler (the largest KV cache of the rollout and the method's own
+sampling passes), the scorers and the update step ahead of time from ``ShapeDtypeStruct``s
+that carry the real shardings (a method's own extra programs, e.g. OAR's importance pass,
+are not compiled here). XLA's ``memory_analysis()`` of each compiled program gives the
 per-device bytes of its arguments, outputs and temporaries; adding what stays resident on the
 device during that phase (optimizer moments, teacher / reference weight copies) gives a
 per-device peak to compare with the HBM budget.

@@ -220,7 +220,7 @@ class TrainConfig:
     output_dir: str = "runs/{method}-seed{seed}"  # {method} and {seed} are filled in
     micro_batches: int = 1
     advantage_scale: str = "group"
-    ema_rate: float = 0.05  # teacher_weights=ema
+    ema_rate: float = 0.05  # SDPO's EMA teacher: teacher <- (1 - rate) teacher + rate policy
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     vocab_chunk: int | None = None
     model: ModelConfig = ModelConfig()

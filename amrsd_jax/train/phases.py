@@ -1,9 +1,9 @@
 """The phases of one training iteration, each a function returning a typed record:
 
-    rollout_phase  -> Rollouts        (prompts -> G samples -> verifier)
-    teacher_phase  -> TeacherInputs   (the method's privileged context, tokenised)
-    score_phase    -> UpdateBatch     (old / reference log-probs + the method's passes)
-    update_phase   -> UpdateResult    (the one jitted update step)
+    rollout_phase          -> Rollouts       (prompts -> G samples -> verifier)
+    method.teacher_inputs  -> TeacherInputs  (the method's privileged context, tokenised)
+    score_phase            -> UpdateBatch    (old / reference log-probs + the method's passes)
+    update_phase           -> UpdateResult   (the one jitted update step)
 
 They hold no state: the trainer passes in what they read and keeps what they return.
 """
@@ -29,28 +29,32 @@ from ..update import TrainState
 
 @dataclasses.dataclass
 class Counters:
-    """Run totals, logged as ``total/<name>`` and saved in checkpoints."""
+    """Run totals, logged as ``total/<name>`` and saved in checkpoints: the loop's own, and
+    whatever a method reports (``TeacherInputs.counts``, declared in ``Method.counters``)."""
 
     skipped_long_prompts: int = 0
     truncated_long_prompts: int = 0
     reward_errors: int = 0
     dropped_groups: int = 0
-    redactions: int = 0
-    truncated_teacher_prompts: int = 0
     consecutive_skips: int = 0
     skipped_steps: int = 0
+    method: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, counts: dict[str, int]) -> None:
         for name, n in counts.items():
-            setattr(self, name, getattr(self, name) + int(n))
+            if name in self.method or not hasattr(self, name) or name == "method":
+                self.method[name] = self.method.get(name, 0) + int(n)
+            else:
+                setattr(self, name, getattr(self, name) + int(n))
 
     def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        return {**out, **self.method}
 
-    @classmethod
-    def from_dict(cls, saved: dict) -> "Counters":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: int(v) for k, v in saved.items() if k in names})
+    def load(self, saved: dict) -> None:
+        """Take the totals of a checkpoint (``as_dict``); names it lacks keep their value."""
+        for name, value in saved.items():
+            self.add({name: int(value) - self.as_dict().get(name, 0)})
 
 
 @dataclasses.dataclass
@@ -147,6 +151,10 @@ def score_phase(method: Method, ctx: MethodContext, rollouts: Rollouts,
 def update_phase(programs: Programs, state: TrainState, teacher_params,
                  batch: UpdateBatch) -> UpdateResult:
     """One optimizer step; the model reads the new weights afterwards."""
+    if batch.present != programs.batch.present:
+        raise ValueError(f"the update step takes the fields {list(programs.batch.present)}; "
+                         f"this batch has {list(batch.present)} (a method's score hook must "
+                         "fill exactly the fields it declares)")
     batch = make_batch(**{k: getattr(batch, k) for k in batch.present})
     batch = global_arrays(batch, batch.shardings(programs.mesh))
     state, teacher_params, device_metrics = programs.update(state, batch, teacher_params)

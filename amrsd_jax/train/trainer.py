@@ -14,6 +14,7 @@ update step produces. Randomness is ``fold_in(run_key, step)``, so a run resumed
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -76,8 +77,10 @@ class Trainer:
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.policy.kl_beta > 0 else None
         self.state = self.programs.init_state()
         self.run_key = jax.random.key(cfg.seed)
+        self._row_quantum = row_quantum(cfg.rollout.group_size, self.mesh)
         self.counters = Counters(skipped_long_prompts=self.train_data.skipped_long,
-                                 truncated_long_prompts=self.train_data.truncated_long)
+                                 truncated_long_prompts=self.train_data.truncated_long,
+                                 method=dict.fromkeys(self.method.counters, 0))
         # evaluate-only runs log under <output_dir>/eval and never write checkpoints
         self.metrics = MetricsLogger(self.output_dir / "eval" if evaluate_only
                                      else self.output_dir, tensorboard=cfg.tensorboard,
@@ -123,7 +126,9 @@ class Trainer:
                 "reward_errors": rollouts.verified.errors}
         self.counters.add({"reward_errors": rollouts.verified.errors, "dropped_groups": dropped})
         ctx = MethodContext(cfg, self.tokenizer, self.programs, params, self.teacher_params,
-                            int(self.state.step), k_teacher, k_score, self._bucket)
+                            int(self.state.step), k_teacher, k_score,
+                            functools.partial(bucket_rows, quantum=self._row_quantum,
+                                              limit=rollouts.num_rows))
         with timer("reflect"):
             teacher = self.method.teacher_inputs(ctx, rollouts)
             if teacher is not None:
@@ -145,10 +150,6 @@ class Trainer:
             metrics["time/step"], 1e-9)
         metrics["epoch"] = self.stream.epoch
         return StepRecord(step, metrics, rollouts, teacher, batch)
-
-    def _bucket(self, rows):
-        return bucket_rows(rows, row_quantum(self.config.rollout.group_size, self.mesh),
-                           self.config.rollout.batch_size)
 
     # ------------------------------------------------------------------ eval / checkpoint
     def evaluate(self, step: int) -> dict[str, float] | None:
@@ -194,7 +195,7 @@ class Trainer:
                      f"{changed}")
         self.run_key = restored.rng_key
         self.stream.load_state_dict(restored.data_state)
-        self.counters = Counters.from_dict(restored.extra)
+        self.counters.load(restored.extra)
         self.start_step = restored.step
         dropped = self.metrics.truncate_after(restored.step)
         self.log(f"resumed from step {restored.step} ({dropped} later log lines dropped)")
