@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -24,7 +23,7 @@ from .rollout.sampler import (KVState, SampleOutput, SamplingConfig, continue_ge
                               generate, lower_generate)
 from .scoring import make_scorer
 from .sharding import state_shardings
-from .update import StepConfig, TrainState, make_update_step
+from .update import StepConfig, TrainState, init_train_state, make_update_step, place_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +70,7 @@ class Programs:
         """A fresh train state from the model's current weights, on the mesh. It shares the
         model's buffers (no second copy): the update step donates them, and the model is
         given the new weights after every step."""
-        params = nnx.state(self.model, nnx.Param)
-        state = TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
-        return jax.device_put(state, self.state_sharding)
+        return place_state(init_train_state(self.model, self.optimizer), self.state_sharding)
 
     def sample(self, params, prompt_ids, prompt_mask, key, sampling: SamplingConfig, *,
                keep_cache: bool = False) -> SampleOutput | tuple[SampleOutput, KVState]:
