@@ -35,6 +35,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "teacher_logprobs": (("B", "N"), jnp.float32),  # the response re-scored with context
     "entropy": (("B", "N"), jnp.float32),  # the old policy's per-token entropy
     "importance": (("B", "N"), jnp.float32),  # OAR's per-token outcome importance
+    "answer_mask": (("B", "N"), jnp.int32),  # 1 on the verifier's final-answer span (OAR)
     "teacher_prompt_ids": (("B", "Pt"), jnp.int32),  # in-step teacher prompts (SDPO)
     "teacher_prompt_mask": (("B", "Pt"), jnp.int32),
     "teacher_valid": (("B",), jnp.int32),  # 1 where the row has a teacher context
@@ -59,6 +60,7 @@ class UpdateBatch:
     teacher_logprobs: jax.Array | None = None
     entropy: jax.Array | None = None
     importance: jax.Array | None = None
+    answer_mask: jax.Array | None = None
     teacher_prompt_ids: jax.Array | None = None
     teacher_prompt_mask: jax.Array | None = None
     teacher_valid: jax.Array | None = None

@@ -97,6 +97,19 @@ def _add_bench(sub):
     o.add_argument("--out", default="bench_results/overhead.json")
     o.set_defaults(func=_lazy("bench.overhead"))
     _add_bench_ttsd(bsub)
+    v = bsub.add_parser("verifier", help="math verifiers on labelled cases: accuracy, false "
+                                         "positives and us/call of the old rule-based path, "
+                                         "math-verify alone and the combined reward.name=math")
+    v.add_argument("--cases", action="append", default=None, metavar="JSONL",
+                   help="labelled case file (repeatable; default: the two shipped with "
+                        "amrsd_jax/rewards/cases)")
+    v.add_argument("--paths", default=None,
+                   help="comma list of old, math_verify, math_verify_verl, combined, "
+                        "combined_lenient, combined_strict (default: all)")
+    v.add_argument("--repeats", type=int, default=3, help="calls per case and path (median)")
+    v.add_argument("--limit", type=int, default=0, help="only the first N cases (0 = all)")
+    v.add_argument("--out", default="bench_results/verifier.json")
+    v.set_defaults(func=_lazy("bench.verifier"))
 
 
 def _ttsd_options(p, *, k, rounds, lr, new_tokens):
@@ -198,6 +211,9 @@ def _add_train(sub):
     p.add_argument("--dry-run", action="store_true",
                    help="build abstract params on a fake mesh of the configured shape, compile "
                         "the update step and print per-device memory (no weights loaded)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved config (YAML, with every default the method "
+                        "brings) and exit")
     p.set_defaults(func=cmd_train)
 
 
@@ -212,6 +228,15 @@ def _add_eval(sub):
     p.set_defaults(func=cmd_eval)
 
 
+def _plain(value):
+    """Tuples as lists, so YAML prints plain sequences."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _load_config(args):
     from .config import ConfigError
     from .train.config import load_train_config
@@ -224,6 +249,14 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
+    if args.print_config:
+        import yaml
+
+        config = _load_config(args)
+        if config is None:
+            return 2
+        print(yaml.safe_dump(_plain(config.resolved_dict()), sort_keys=False), end="")
+        return 0
     if args.dry_run:
         from .train.aot import main_dry_run
 

@@ -111,9 +111,10 @@ def build_programs(model: Decoder, mesh: Mesh, *, step: StepConfig,
     graphdef, _, other = nnx.split(model, nnx.Param, ...)
     method = step.method
     update, state_sharding = make_update_step(model, optimizer, step, mesh, batch)
-    score = make_scorer(model, mesh, vocab_chunk=step.vocab_chunk)
+    score = make_scorer(model, mesh, vocab_chunk=step.vocab_chunk, temperature=step.temperature)
     # the old-policy pass also returns per-token entropies when the batch takes them
-    score_old = (make_scorer(model, mesh, vocab_chunk=step.vocab_chunk, with_entropy=True)
+    score_old = (make_scorer(model, mesh, vocab_chunk=step.vocab_chunk, with_entropy=True,
+                             temperature=step.temperature)
                  if batch.entropy is not None else score)
     extra = method.extra_programs(ProgramBuilder(graphdef, other, mesh, pad_id,
                                                  step.vocab_chunk))

@@ -25,7 +25,7 @@ from .sharding import DEFAULT_RULES, batch_sharding
 
 def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
                                *, vocab_chunk: int | None = None, with_entropy: bool = False,
-                               compute_dtype=jnp.float32):
+                               compute_dtype=jnp.float32, temperature: float = 1.0):
     """Log-probs of ``targets`` and (optionally) the entropy, from final hidden states.
 
     Args:
@@ -35,10 +35,15 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
       targets: ``[batch, time]`` token ids.
       vocab_chunk: vocabulary chunk size; ``None`` computes full logits at once.
       with_entropy: also return ``H = logZ - E_p[logit]`` ``[batch, time]``.
+      temperature: the distribution is ``softmax(logits / temperature)``, the one the
+        sampler drew from (TRL, verl and the SDPO / RLSD code score this way); ``<= 0``
+        (greedy sampling) means 1.
 
     Returns:
       ``logprobs [batch, time]`` float32, and ``entropy [batch, time]`` or ``None``.
     """
+    if temperature > 0 and temperature != 1.0:  # logits / T == (hidden / T) . w
+        hidden = hidden / jnp.asarray(temperature, hidden.dtype)
     h = hidden.astype(compute_dtype)
     w = unembedding.astype(compute_dtype)
     # target logit from the gathered columns: [batch, time, hidden] . [batch, time, hidden]
@@ -92,15 +97,20 @@ def _response_hidden(model: Decoder, prompt_ids, prompt_mask, response_ids, resp
 
 
 def response_logits(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
-                    response_ids: jax.Array, response_mask: jax.Array) -> jax.Array:
-    """Full logits ``[batch, N, vocab]`` at the response positions (SDPO's distillation)."""
+                    response_ids: jax.Array, response_mask: jax.Array, *,
+                    temperature: float = 1.0) -> jax.Array:
+    """Full logits ``[batch, N, vocab]`` at the response positions, divided by the sampling
+    ``temperature`` (``<= 0``: 1) like :func:`token_logprobs_from_hidden` (SDPO)."""
     hidden = _response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    if temperature > 0 and temperature != 1.0:
+        hidden = hidden / jnp.asarray(temperature, hidden.dtype)
     return model.logits(hidden)
 
 
 def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,
                       response_ids: jax.Array, response_mask: jax.Array, *,
-                      vocab_chunk: int | None = None, with_entropy: bool = False):
+                      vocab_chunk: int | None = None, with_entropy: bool = False,
+                      temperature: float = 1.0):
     """Log-probs ``[batch, N]`` of the response tokens given the prompt.
 
     Args:
@@ -115,7 +125,8 @@ def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Ar
     hidden = _response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
     lp, entropy = token_logprobs_from_hidden(hidden, model.output_embedding(), response_ids,
                                              vocab_chunk=vocab_chunk, with_entropy=with_entropy,
-                                             compute_dtype=model.config.dtype)
+                                             compute_dtype=model.config.dtype,
+                                             temperature=temperature)
     keep = response_mask.astype(bool)
     lp = jnp.where(keep, lp, 0.0)
     if entropy is not None:
@@ -124,7 +135,7 @@ def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Ar
 
 
 def make_scorer(model: Decoder, mesh=None, *, vocab_chunk: int | None = None,
-                with_entropy: bool = False, rules=None):
+                with_entropy: bool = False, temperature: float = 1.0, rules=None):
     """One jitted scoring function for old-policy, teacher and reference passes.
 
     Returns ``score(params, prompt_ids, prompt_mask, response_ids, response_mask) ->
@@ -138,7 +149,8 @@ def make_scorer(model: Decoder, mesh=None, *, vocab_chunk: int | None = None,
     def score(params, prompt_ids, prompt_mask, response_ids, response_mask):
         m = nnx.merge(graphdef, params, other)
         return response_logprobs(m, prompt_ids, prompt_mask, response_ids, response_mask,
-                                 vocab_chunk=vocab_chunk, with_entropy=with_entropy)
+                                 vocab_chunk=vocab_chunk, with_entropy=with_entropy,
+                                 temperature=temperature)
 
     if mesh is None:
         return jax.jit(score)

@@ -44,6 +44,7 @@ from flax import nnx
 from .batch import UpdateBatch, abstract_batch, make_batch
 from .losses.policy import PolicyLossConfig
 from .losses.sdpo import SDPOConfig
+from .methods.base import TeacherPolicy
 from .methods.sdpo import SDPO
 from .models import load_model
 from .programs import build_programs
@@ -79,8 +80,9 @@ class TTSDSettings:
         lengths share one compiled sampler and update step (a new shape costs a compile of
         tens of seconds on CPU; the padding is masked out).
       score_old: ``old_logprobs`` from the scorer pass (as the trainer does); ``None``
-        (auto) uses the sampler's own log-probs when they are the policy's (temperature 1,
-        no top-p/top-k filter; equal up to float error) and saves that forward pass.
+        (auto) uses the sampler's own log-probs when they are the policy's (no top-p/top-k
+        filter: both are of ``softmax(logits / temperature)``, equal up to float error) and
+        saves that forward pass.
       ``question`` (of :meth:`TTSD.run`) is the full user message: no suffix is added here.
     """
 
@@ -132,7 +134,7 @@ class TTSDSettings:
     def uses_scorer_for_old(self) -> bool:
         if self.score_old is not None:
             return self.score_old
-        return not (self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0)
+        return not (self.top_p == 1.0 and self.top_k == 0)
 
     @property
     def budget(self) -> int:
@@ -220,13 +222,13 @@ class TTSD:
         self.tokenizer = tokenizer
         self.initial_params = jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param))
         # SDPO as the trainer runs it: EMA teacher (or frozen), distillation in the step
-        self.method = SDPO(s.sdpo, ema_rate=s.ema_rate if s.teacher_weights == "ema" else None)
+        self.method = SDPO(s.sdpo, teacher=TeacherPolicy(s.teacher_weights, ema_rate=s.ema_rate))
         optimizer = make_optimizer(OptimizerConfig(
             learning_rate=s.learning_rate, max_grad_norm=s.max_grad_norm,
             weight_decay=s.weight_decay))
         self.programs = build_programs(
             self.model, self.mesh, step=StepConfig(method=self.method, group_size=s.k,
-                                                   policy=s.policy),
+                                                   policy=s.policy, temperature=s.temperature),
             optimizer=optimizer, batch=abstract_batch(self.method.fields, rows=s.k, prompt=1,
                                                       response=1),
             pad_id=resolve_pad_id(tokenizer),

@@ -85,9 +85,14 @@ class StepConfig:
     method: Method = Method()  # the base Method is plain GRPO
     group_size: int = 8
     advantage_scale: str = "group"
+    # group std as TRL / verl compute it (torch.std: unbiased) plus TRL's epsilon
+    advantage_std_ddof: int = 1
+    advantage_eps: float = 1e-4
     micro_batches: int = 1
     policy: PolicyLossConfig = PolicyLossConfig()
     vocab_chunk: int | None = None
+    # the rollout sampling temperature: every log-prob is of softmax(logits / temperature)
+    temperature: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.method, Method):
@@ -125,7 +130,8 @@ def _loss_fn(params, other, graphdef, micro: UpdateBatch, token_adv, normalizers
     model = nnx.merge(graphdef, params, other)
     mask = micro.response_mask
     lp_new, _ = response_logprobs(model, micro.prompt_ids, micro.prompt_mask,
-                                  micro.response_ids, mask, vocab_chunk=cfg.vocab_chunk)
+                                  micro.response_ids, mask, vocab_chunk=cfg.vocab_chunk,
+                                  temperature=cfg.temperature)
     loss, sums = policy_gradient_loss(lp_new, micro.old_logprobs, token_adv, mask, cfg.policy,
                                       lp_ref=micro.ref_logprobs,
                                       lp_sampler=micro.sampler_logprobs,
@@ -134,7 +140,7 @@ def _loss_fn(params, other, graphdef, micro: UpdateBatch, token_adv, normalizers
     teacher = None if teacher_params is None else nnx.merge(
         graphdef, jax.lax.stop_gradient(teacher_params), other)
     loss, extra = cfg.method.extra_loss(model, teacher, micro, loss, cfg.policy.aggregation,
-                                        normalizers[1])
+                                        normalizers[1], temperature=cfg.temperature)
     return loss, {**sums, **extra}
 
 
@@ -174,7 +180,8 @@ def update_step(graphdef, other, optimizer, cfg: StepConfig, state: TrainState,
     method = cfg.method
     rewards = batch.rewards.astype(jnp.float32)
     groups = rewards.reshape(-1, cfg.group_size)
-    advantages = grpo_advantages(groups, scale=cfg.advantage_scale).reshape(-1)
+    advantages = grpo_advantages(groups, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
+                                 std_ddof=cfg.advantage_std_ddof).reshape(-1)
     mask = batch.response_mask
     token_adv, diagnostics = method.token_advantages(advantages, batch, mask, state.step)
     grads, loss, sums = _accumulate_gradients(state, other, graphdef, batch, token_adv, cfg,
@@ -183,7 +190,7 @@ def update_step(graphdef, other, optimizer, cfg: StepConfig, state: TrainState,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-    teacher_params = method.refresh_teacher(teacher_params, params, finite)
+    teacher_params = method.refresh_teacher(teacher_params, params, finite, state.step)
 
     tokens = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
     metrics = {

@@ -198,3 +198,26 @@ def test_perturbation_importance_toy_outcome(chunk_size):
     # hand check of one entry: row 0, t = 1: token 2 (value -2, weight 2) -> pad (0);
     # cross term 0.1 * 1 * (-2) disappears: drop = -4 - 0.2 = -4.2
     np.testing.assert_allclose(got[0, 1], -4.2, rtol=1e-5)
+
+
+def test_answer_tokens_keep_the_sequence_advantage_and_reasoning_weights_average_one():
+    """SPEC: the reshaping runs over the reasoning tokens. The answer span (importance 0 by
+    construction) keeps A_i and does not shift the reasoning tokens' normalisation."""
+    from amrsd_jax.credit import OARConfig, oar_reshape_weights, oar_token_advantages
+
+    importance = jnp.array([[0.5, 3.0, 1.0, 0.2, 0.0, 0.0, 0.0],
+                            [2.0, 0.1, 0.0, 0.0, 9.0, 0.0, 0.0]])
+    mask = jnp.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]])
+    answer = jnp.array([[0, 0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0]])
+    A = jnp.array([1.5, -0.5])
+    ahat, _ = oar_token_advantages(A, importance, mask, OARConfig(), answer_mask=answer)
+    ahat = np.asarray(ahat)
+    reasoning = np.asarray(mask.astype(bool) & ~answer.astype(bool))
+    weights = ahat / np.asarray(A)[:, None]
+    np.testing.assert_allclose(weights[np.asarray(answer, bool)], 1.0, rtol=1e-6)
+    for row in range(2):
+        np.testing.assert_allclose(weights[row][reasoning[row]].mean(), 1.0, rtol=1e-6)
+    # the reasoning weights are those of reshaping the reasoning tokens alone
+    expected = np.asarray(oar_reshape_weights(importance, reasoning, OARConfig()))
+    np.testing.assert_allclose(weights[reasoning], expected[reasoning], rtol=1e-6)
+    assert np.all(ahat[~np.asarray(mask, bool)] == 0)

@@ -39,7 +39,9 @@ def np_kl(p, q):
 
 def test_config_validation():
     cfg = SDPOConfig()
-    assert (cfg.mode, cfg.alpha, cfg.topk, cfg.is_clip, cfg.distill_weight) == ("full", 0.0, 100, 2.0, 1.0)
+    # the authors' recipe (lasgroup/SDPO), tested against a table in tests/test_recipes.py
+    assert (cfg.mode, cfg.alpha, cfg.topk, cfg.is_clip, cfg.tis_cap, cfg.distill_weight) == \
+        ("topk", 0.5, 100, 2.0, 2.0, 1.0)
     hash(cfg)
     with pytest.raises(ValueError):
         SDPOConfig(mode="sampled", alpha=0.5)

@@ -172,3 +172,49 @@ def test_bad_config_and_shapes():
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         generate(tiny_model(), IDS[0], MASK[0], jax.random.key(0))
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 32])
+def test_scorer_and_update_step_score_at_the_sampling_temperature(model, vocab_chunk):
+    """TRL / verl / SDPO / RLSD score softmax(logits / T): the scorer the trainer builds
+    (and the update step's log-probs) equal the sampler's own at T = 0.7."""
+    from flax import nnx
+
+    from amrsd_jax.scoring import make_scorer, response_logprobs
+
+    out = generate(model, IDS, MASK, jax.random.key(2),
+                   SamplingConfig(max_new_tokens=10, temperature=0.7), stop_tokens=[])
+    score = make_scorer(model, vocab_chunk=vocab_chunk, temperature=0.7)
+    lp, _ = score(nnx.state(model, nnx.Param), IDS, MASK, out.tokens, out.mask)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(out.logprobs), atol=3e-5)
+    untempered, _ = response_logprobs(model, IDS, MASK, out.tokens, out.mask)
+    assert np.abs(np.asarray(untempered) - np.asarray(out.logprobs)).max() > 1e-2
+
+
+def test_update_step_scores_at_the_sampling_temperature():
+    """At the first step the policy is the sampler: with old log-probs from the sampler at
+    T = 0.7 the update step's ratio exp(lp_new - lp_old) is 1 on every token."""
+    from amrsd_jax.batch import abstract_batch, make_batch
+    from amrsd_jax.methods import make_method
+    from amrsd_jax.programs import build_programs
+    from amrsd_jax.sharding import single_device_mesh
+    from amrsd_jax.update import OptimizerConfig, StepConfig, make_optimizer
+
+    model = tiny_model(seed=3)
+    ids, mask = np.repeat(IDS[:2], 2, 0), np.repeat(MASK[:2], 2, 0)
+    out = generate(model, ids, mask, jax.random.key(2),
+                   SamplingConfig(max_new_tokens=6, temperature=0.7), stop_tokens=[])
+    ratios = {}
+    for temperature in (0.7, 1.0):
+        programs = build_programs(  # a fresh copy of the same weights: the step donates them
+            tiny_model(seed=3), single_device_mesh(), step=StepConfig(method=make_method("grpo"),
+                                                         group_size=2, temperature=temperature),
+            optimizer=make_optimizer(OptimizerConfig()),
+            batch=abstract_batch((), rows=4, prompt=6, response=6), pad_id=0, stop_ids=[])
+        batch = make_batch(prompt_ids=ids, prompt_mask=mask, response_ids=out.tokens,
+                           response_mask=out.mask, rewards=np.array([1, 0, 0, 1], np.float32),
+                           sampler_logprobs=out.logprobs, old_logprobs=out.logprobs)
+        _, _, metrics = programs.update(programs.init_state(), batch, None)
+        ratios[temperature] = float(metrics["ratio_mean"])
+    assert ratios[0.7] == pytest.approx(1.0, abs=1e-4)
+    assert abs(ratios[1.0] - 1.0) > 1e-3

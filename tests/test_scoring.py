@@ -102,16 +102,22 @@ def _flat(state):
     return [np.asarray(v[...]) for _, v in nnx.to_flat_state(state)]
 
 
-def test_ema_teacher_update():
-    """SDPO's teacher refresh: EMA toward the policy after an applied (finite) step, the
-    teacher unchanged after a skipped one, and frozen with ``ema_rate=None``."""
+def test_teacher_refresh_policies():
+    """The teacher refresh, traced as in the update step: EMA toward the policy after an
+    applied (finite) step and unchanged after a skipped one; frozen stays put, except a
+    refresh_every copy after every N-th step (RLSD: 20); live keeps no copy."""
+    from amrsd_jax.methods.base import TeacherPolicy
+
     teacher = nnx.state(tiny_model(seed=1), nnx.Param)
     params = nnx.state(tiny_model(seed=2), nnx.Param)
-    refresh = jax.jit(SDPO(ema_rate=0.05).refresh_teacher)  # traced, as in the update step
-    new = refresh(teacher, params, jnp.asarray(True))
-    skipped = refresh(teacher, params, jnp.asarray(False))
-    frozen = [SDPO(ema_rate=None).refresh_teacher(teacher, params, finite)
-              for finite in (True, jnp.asarray(True), jnp.asarray(False))]
+    ema = jax.jit(SDPO(teacher=TeacherPolicy("ema", ema_rate=0.05)).refresh_teacher)
+    new = ema(teacher, params, jnp.asarray(True), jnp.int32(0))
+    skipped = ema(teacher, params, jnp.asarray(False), jnp.int32(0))
+    frozen = jax.jit(SDPO(teacher=TeacherPolicy("frozen")).refresh_teacher)
+    kept = [frozen(teacher, params, jnp.asarray(f), jnp.int32(s))
+            for f, s in ((True, 0), (False, 19), (True, 39))]
+    every = jax.jit(SDPO(teacher=TeacherPolicy("frozen", refresh_every=20)).refresh_teacher)
+    before, at = (every(teacher, params, jnp.asarray(True), jnp.int32(s)) for s in (18, 19))
     assert jax.tree.structure(new) == jax.tree.structure(teacher)
     t_flat, p_flat = _flat(teacher), _flat(params)
     assert len(t_flat) == len(_flat(new)) > 0
@@ -120,9 +126,12 @@ def test_ema_teacher_update():
     for t, p, n, s in zip(t_flat, p_flat, _flat(new), _flat(skipped)):
         np.testing.assert_allclose(n, 0.95 * t + 0.05 * p, rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(s, t)
-    for f in frozen:
+    for f in [*kept, before]:
         for t, x in zip(t_flat, _flat(f)):
             np.testing.assert_array_equal(x, t)
+    for p, x in zip(p_flat, _flat(at)):  # after the 20th step (0-based 19): the policy
+        np.testing.assert_array_equal(x, p)
+    assert SDPO(teacher=TeacherPolicy("live")).init_teacher(params) is None
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

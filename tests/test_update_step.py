@@ -43,6 +43,8 @@ def make_batch(model, seed=0, rewards=None, method=None):
         "teacher_logprobs": old + rng.normal(0, 1.0, (B, N)).astype(np.float32) * response_mask,
         "entropy": np.asarray(ent),
         "importance": rng.random((B, N)).astype(np.float32),
+        "answer_mask": (np.arange(N)[None] == response_mask.sum(1, keepdims=True) - 1
+                        ).astype(np.int32),
         "teacher_prompt_ids": np.concatenate([rng.integers(4, 96, (B, 3)).astype(np.int32),
                                               prompt_ids], axis=1),
         "teacher_prompt_mask": np.concatenate([np.ones((B, 3), np.int32), prompt_mask], axis=1),

@@ -28,7 +28,8 @@ from amrsd_jax.credit.oar import (
     oar_reshape_weights,
     oar_token_advantages,
 )
-from amrsd_jax.credit.rlsd import RLSDConfig, rlsd_token_advantages, rlsd_token_weights
+from amrsd_jax.credit.rlsd import (RLSDConfig, rlsd_lambda, rlsd_token_advantages,
+                                   rlsd_token_weights)
 
 __all__ = [
     "ADVANTAGE_SCALES",
@@ -50,6 +51,7 @@ __all__ = [
     "oar_perturbation_importance",
     "oar_reshape_weights",
     "oar_token_advantages",
+    "rlsd_lambda",
     "rlsd_token_advantages",
     "rlsd_token_weights",
     "token_entropy",

@@ -10,9 +10,10 @@ A group whose rewards are all equal gets ``A_i = 0`` exactly (checked with
 ``max == min``, so floating-point error in the mean can never leak a tiny non-zero
 advantage into such a group).
 
-Our choice (SPEC.md does not fix it): ``std`` is the population standard deviation
-(``std_ddof=0``, numpy's default). TRL and verl use the unbiased estimator
-(``torch.std``, ``std_ddof=1``); pass ``std_ddof=1`` to reproduce them.
+``std_ddof`` picks the estimator (SPEC.md does not fix it): 0 is the population standard
+deviation (numpy's default, this function's default), 1 the unbiased one that TRL and verl
+use (``torch.std``). A training run uses TRL's recipe, ``std_ddof=1`` and ``eps=1e-4``
+(``TrainConfig.advantage_std_ddof`` / ``advantage_eps``, passed by the update step).
 
 Every function here is pure and jit-compatible; ``scale``, ``eps``, ``std_ddof`` and
 ``num_groups`` are static (close over them or mark them ``static_argnames``). The

@@ -133,25 +133,37 @@ def oar_token_advantages(
     importance: Array,
     mask: Array,
     cfg: OARConfig,
+    answer_mask: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """OAR per-token advantages ``Ahat = A_i * w_t``.
+
+    The bi-level reshaping (SPEC.md) runs over the REASONING tokens only: the response
+    tokens outside the verifier's answer span. Their weights average 1 per row; the answer
+    tokens, whose importance is 0 by construction (they are the outcome, not evidence for
+    it), keep the plain sequence advantage ``A_i`` (weight 1) and do not enter the
+    normalisation or the quantile of the reasoning tokens.
 
     Args:
       advantages: ``[B]`` GRPO sequence advantages.
       importance: ``[B, T]`` token importance from OAR-G or OAR-P.
-      mask: ``[B, T]`` mask of the tokens that receive credit.
+      mask: ``[B, T]`` mask of the tokens that receive credit (the response).
       cfg: :class:`OARConfig` (static).
+      answer_mask: ``[B, T]`` 1 on the final-answer span (``None``: no answer span, every
+        masked token is reshaped).
 
     Returns:
       ``(Ahat [B, T], diagnostics)``; ``Ahat`` is 0 outside the mask. Diagnostics
       (float32 scalars): ``weight_max`` and ``weight_min`` (row means of the per-row
-      extremes over rows with tokens), ``flat_row_frac`` (fraction of rows with tokens
-      whose importance was flat).
+      extremes of the reasoning weights over rows with reasoning tokens),
+      ``flat_row_frac`` (fraction of those rows whose importance was flat).
     """
     advantages = jax.lax.stop_gradient(as_float(advantages))
-    mask = as_bool_mask(mask)
-    weights = oar_reshape_weights(importance, mask, cfg)
-    token_advantages = jnp.where(mask, advantages[:, None] * weights, 0.0)
+    response = as_bool_mask(mask)
+    answer = jnp.zeros_like(response) if answer_mask is None else \
+        as_bool_mask(answer_mask) & response
+    mask = response & ~answer  # the reasoning tokens: the ones reshaped
+    weights = jnp.where(answer, 1.0, oar_reshape_weights(importance, mask, cfg))
+    token_advantages = jnp.where(response, advantages[:, None] * weights, 0.0)
     has_tokens = jnp.any(mask, axis=-1)
     row_max = jnp.max(jnp.where(mask, weights, -jnp.inf), axis=-1)
     row_min = jnp.min(jnp.where(mask, weights, jnp.inf), axis=-1)

@@ -29,18 +29,35 @@ class RLSDConfig:
 
     Attributes:
       lam: mixing weight between the plain advantage and the teacher-reweighted one,
-        in ``[0, 1]``; SPEC default 0.5. ``lam = 0`` is exactly GRPO.
-      eps_w: the token weight is clipped to ``[1 - eps_w, 1 + eps_w]``; SPEC default 0.2.
+        in ``[0, 1]``; SPEC and the authors' default 0.5. ``lam = 0`` is exactly GRPO.
+      eps_w: the token weight is clipped to ``[1 - eps_w, 1 + eps_w]``; default 0.2.
+      decay_steps: ``lam`` decays linearly to 0 over this many optimizer steps, as the
+        authors' recipe does (``rlsd_lambda_decay_steps=60``): at 0-based step ``s``,
+        ``lam_eff = lam * max(0, 1 - (s + 1) / decay_steps)`` (their step counter starts at
+        1). ``None`` keeps ``lam`` constant (SPEC.md's form).
     """
 
     lam: float = 0.5
     eps_w: float = 0.2
+    decay_steps: int | None = 60
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {self.lam}")
         if not 0.0 <= self.eps_w < 1.0:
             raise ValueError(f"eps_w must be in [0, 1), got {self.eps_w}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1 or None, got {self.decay_steps}")
+
+
+def rlsd_lambda(cfg: RLSDConfig, step: Array | int | None) -> Array:
+    """``lam`` at 0-based optimizer step ``step`` (the authors' linear decay; constant when
+    ``cfg.decay_steps`` or ``step`` is ``None``). Float32 scalar."""
+    lam = jnp.float32(cfg.lam)
+    if cfg.decay_steps is None or step is None:
+        return lam
+    progress = (jnp.asarray(step, jnp.float32) + 1.0) / cfg.decay_steps
+    return lam * jnp.maximum(0.0, 1.0 - progress)
 
 
 def rlsd_token_weights(
@@ -76,6 +93,7 @@ def rlsd_token_advantages(
     lp_old: Array,
     mask: Array,
     cfg: RLSDConfig,
+    step: Array | int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """RLSD per-token advantages and diagnostics.
 
@@ -86,17 +104,20 @@ def rlsd_token_advantages(
       lp_old: ``[B, T]`` sampling-policy log-probs.
       mask: ``[B, T]`` response mask.
       cfg: :class:`RLSDConfig` (static).
+      step: the 0-based optimizer step (``lam`` decays with it, :func:`rlsd_lambda`);
+        ``None`` uses ``cfg.lam`` as it is.
 
     Returns:
       ``(Ahat [B, T], diagnostics)``; ``Ahat`` is 0 outside the mask. Diagnostics
       (float32 scalars over masked tokens): ``weight_mean`` (clipped weight),
       ``weight_clip_frac`` (fraction of tokens whose weight hit a clip bound, among
-      rollouts with ``A != 0``).
+      rollouts with ``A != 0``), ``lam_eff``.
     """
     advantages = jax.lax.stop_gradient(as_float(advantages))
     mask = as_bool_mask(mask)
     weights = rlsd_token_weights(advantages, lp_teacher, lp_old, mask, cfg.eps_w)
-    scale = 1.0 + cfg.lam * (weights - 1.0)
+    lam = rlsd_lambda(cfg, step)
+    scale = 1.0 + lam * (weights - 1.0)
     broadcast = jnp.broadcast_to(advantages[:, None], scale.shape)
     token_advantages = jnp.where(scale == 1.0, broadcast, broadcast * scale)
     token_advantages = jnp.where(mask, token_advantages, 0.0)
@@ -105,5 +126,6 @@ def rlsd_token_advantages(
     diagnostics = {
         "weight_mean": masked_mean(weights, mask),
         "weight_clip_frac": masked_mean(at_bound.astype(jnp.float32), nonzero),
+        "lam_eff": lam,
     }
     return jax.lax.stop_gradient(token_advantages), diagnostics

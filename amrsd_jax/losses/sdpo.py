@@ -45,22 +45,37 @@ DISTILL_MODES: tuple[str, ...] = ("full", "topk", "sampled")
 class SDPOConfig:
     """Hyper-parameters of the SDPO distillation loss (hashable).
 
+    Defaults are the SDPO authors' recipe (lasgroup/SDPO ``actor.yaml`` / ``sdpo.yaml``):
+    the student's top-100 logits plus one tail bucket per distribution, generalised JSD
+    with ``alpha = 0.5``, both importance weights capped at 2, and no policy-gradient term.
+    SPEC.md's "full vocabulary, forward KL" is ``mode="full", alpha=0``.
+
     Attributes:
-      mode: ``"full"`` (default), ``"topk"`` or ``"sampled"``.
+      mode: ``"topk"`` (default), ``"full"`` or ``"sampled"`` (TRL's port: sampled token,
+        ``alpha = 1``).
       alpha: divergence interpolation in ``[0, 1]`` (0 = forward KL(p_T||p_S), 1 =
-        reverse KL(p_S||p_T), in between the generalised JSD). ``sampled`` needs
-        ``alpha == 1`` (checked here, at construction).
-      topk: ``k`` of the ``topk`` mode; SPEC default 100.
-      is_clip: cap of the detached importance weight ``exp(lp_S - lp_old)``; SPEC 2.
-        ``None`` disables the weight (our extension).
-      distill_weight: ``w_d`` in ``(1 - w_d) * policy + w_d * distill``; SPEC default 1.
+        reverse KL(p_S||p_T), in between the generalised JSD; the authors' convention).
+        ``sampled`` needs ``alpha == 1`` (checked here, at construction).
+      topk: ``k`` of the ``topk`` mode (authors: 100; their rich-feedback runs use 20).
+      is_clip: cap of the detached importance weight ``exp(lp_S - lp_old)`` (authors and
+        SPEC: 2). ``None`` disables it.
+      tis_cap: cap of the detached rollout-correction weight ``exp(lp_old - lp_sampler)``
+        on the distillation term (the trainer's over the sampler's probability of each
+        token: the authors' ``rollout_is: token``, threshold 2). ``None`` disables it.
+      distill_weight: ``w_d`` in ``(1 - w_d) * policy + w_d * distill``; 1 (the authors'
+        SDPO has no policy-gradient term).
+      feedback_only_without_solution: the reprompt carries the verifier's feedback only
+        when the group has no successful peer solution (authors' default); ``False``
+        shows both.
     """
 
-    mode: DistillMode = "full"
-    alpha: float = 0.0
+    mode: DistillMode = "topk"
+    alpha: float = 0.5
     topk: int = 100
     is_clip: float | None = 2.0
+    tis_cap: float | None = 2.0
     distill_weight: float = 1.0
+    feedback_only_without_solution: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in DISTILL_MODES:
@@ -73,6 +88,8 @@ class SDPOConfig:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         if self.is_clip is not None and self.is_clip <= 0:
             raise ValueError(f"is_clip must be > 0 or None, got {self.is_clip}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
 
@@ -236,6 +253,7 @@ def sdpo_per_token_loss(
     teacher_mask: Array,
     cfg: SDPOConfig,
     chunk_size: int | None = None,
+    lp_sampler: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Importance-weighted, masked per-token SDPO distillation loss.
 
@@ -254,6 +272,8 @@ def sdpo_per_token_loss(
       chunk_size: if given, tokens are flattened to ``[B*T, V]`` and processed
         ``chunk_size`` at a time (``jax.lax.map`` + ``jax.checkpoint``) to bound the
         vocabulary-sized temporaries; the result is the same.
+      lp_sampler: ``[B, T]`` the sampler's own log-probs; with ``cfg.tis_cap`` each token
+        is also weighted by ``min(exp(lp_old - lp_sampler), tis_cap)`` (detached).
 
     Returns:
       ``(loss [B, T], metrics)``: loss is 0 outside ``mask & teacher_mask``. Metrics
@@ -283,6 +303,9 @@ def sdpo_per_token_loss(
             batch_size=max(1, min(chunk_size, batch * time)),
         )
     loss = jnp.where(valid, loss.reshape(batch, time), 0.0)
+    if cfg.tis_cap is not None and lp_sampler is not None:
+        gap = jnp.where(valid, as_float(lp_old) - as_float(lp_sampler), 0.0)
+        loss = loss * jax.lax.stop_gradient(jnp.minimum(jnp.exp(gap), cfg.tis_cap))
     weight = weight.reshape(batch, time)
     at_cap = jnp.zeros_like(valid) if cfg.is_clip is None else weight >= cfg.is_clip
     rows_with_tokens = jnp.any(mask, axis=-1)
@@ -306,6 +329,7 @@ def sdpo_distillation_loss(
     aggregation: Aggregation = "token-mean",
     normalizer: Array | float | None = None,
     chunk_size: int | None = None,
+    lp_sampler: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Aggregated SDPO distillation loss (scalar) and metrics.
 
@@ -321,7 +345,8 @@ def sdpo_distillation_loss(
     """
     valid = as_bool_mask(mask) & as_bool_mask(teacher_mask)[:, None]
     per_token, metrics = sdpo_per_token_loss(
-        student_logits, teacher_logits, response_ids, lp_old, mask, teacher_mask, cfg, chunk_size
+        student_logits, teacher_logits, response_ids, lp_old, mask, teacher_mask, cfg, chunk_size,
+        lp_sampler
     )
     if normalizer is None:
         normalizer = loss_normalizer(valid, aggregation)

@@ -30,10 +30,10 @@ from ..distributed import to_host
 from ..reflection.contexts import amr_sd_teacher_prompt, raw_peer_teacher_prompt
 from ..reflection.leak_guard import redact_answer
 from ..reflection.prompts import ReflectionInputs, follow_up_reflection_prompt, reflection_prompt
-from ..rollout.prompts import encode_chat, encode_follow_up
+from ..rollout.prompts import encode_chat, encode_follow_up, fit_privileged
 from ..rollout.records import Rollouts, decode_responses
 from ..rollout.sampler import SamplingConfig
-from .base import Method, MethodContext, TeacherInputs, register
+from .base import Method, MethodContext, TeacherInputs, TeacherPolicy, register
 
 
 def reflection_request(rollouts: Rollouts, row: int, *, use_peer: bool = True,
@@ -84,6 +84,7 @@ class AMRSD(Method):
     config_type = AMRSDConfig
     fields = ("teacher_logprobs",)
     counters = ("redactions", "truncated_teacher_prompts")
+    teacher = TeacherPolicy("live")  # the same model re-scores with the reflection
     description = ("self-written hint/critique as teacher context; asymmetric ReLU gate on the "
                    "clipped causal information gain, annealed to GRPO")
 
@@ -120,9 +121,16 @@ class AMRSD(Method):
                         for i in rows]
         elif len(rows):
             written, metrics, counts = self._reflect(ctx, rollouts, rows)
-            messages = [amr_sd_teacher_prompt(rollouts.questions[i], r,
-                                              bool(rollouts.verified.correct[i]))
-                        for i, r in zip(rows, written)]
+            messages, cut = [], 0
+            for i, r in zip(rows, written):  # the reflection is cut to fit, never the question
+                message, was_cut = fit_privileged(
+                    ctx.tokenizer, lambda t, q=rollouts.questions[i],
+                    ok=bool(rollouts.verified.correct[i]): amr_sd_teacher_prompt(q, t, ok), r,
+                    max_tokens=ctx.config.reflection.max_teacher_prompt_tokens,
+                    system_prompt=ctx.config.model.system_prompt)
+                messages.append(message)
+                cut += was_cut
+            counts["truncated_teacher_prompts"] = cut
             for i, r in zip(rows, written):
                 reflections[i] = r
         metrics["reflected_frac"] = len(rows) / rollouts.num_rows
@@ -134,7 +142,8 @@ class AMRSD(Method):
         enc = encode_chat(ctx.tokenizer, messages,
                           max_tokens=run.reflection.max_teacher_prompt_tokens,
                           system_prompt=run.model.system_prompt, on_long="truncate")
-        counts["truncated_teacher_prompts"] = enc.truncated
+        counts["truncated_teacher_prompts"] = counts.get("truncated_teacher_prompts", 0) \
+            + enc.truncated
         return TeacherInputs(enc.ids, enc.mask, np.ones(len(padded), bool), rows, padded,
                              reflections, metrics, counts)
 
@@ -181,7 +190,7 @@ class AMRSD(Method):
         lp_teacher, metrics = lp_old.copy(), {}
         if len(teacher.rows):
             padded = teacher.padded_rows
-            scored, _ = ctx.programs.score(ctx.params, teacher.ids, teacher.mask,
+            scored, _ = ctx.programs.score(ctx.teacher_weights, teacher.ids, teacher.mask,
                                            rollouts.sample.tokens[padded],
                                            rollouts.response_mask[padded])
             lp_teacher[teacher.rows] = to_host(scored)[:len(teacher.rows)]

@@ -31,11 +31,44 @@ import difflib
 from typing import Any, Callable, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ..batch import UpdateBatch, validate_fields
 from ..config import build
 from ..credit.grpo import grpo_token_advantages
+
+
+TEACHER_WEIGHTS = ("live", "ema", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPolicy:
+    """Which weights a method's teacher scores with (SPEC.md).
+
+    weights: ``live`` -- the policy itself (no copy); ``ema`` -- an exponential moving
+      average ``teacher <- (1 - ema_rate) teacher + ema_rate policy`` after every applied
+      step; ``frozen`` -- the initial policy, copied again from the policy after every
+      ``refresh_every``-th step (0: never).
+    """
+
+    weights: str = "live"
+    ema_rate: float = 0.05
+    refresh_every: int = 0
+
+    def __post_init__(self):
+        if self.weights not in TEACHER_WEIGHTS:
+            raise ValueError(f"teacher.weights must be one of {TEACHER_WEIGHTS}, got "
+                             f"{self.weights!r}")
+        if not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError(f"teacher.ema_rate must be in (0, 1], got {self.ema_rate}")
+        if self.refresh_every < 0:
+            raise ValueError(f"teacher.refresh_every must be >= 0, got {self.refresh_every}")
+
+    def overridden(self, **values) -> "TeacherPolicy":
+        """This policy with the given non-``None`` values replaced."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +118,11 @@ class MethodContext:
     score_key: jax.Array
     bucket_rows: Callable[[np.ndarray], np.ndarray]
 
+    @property
+    def teacher_weights(self):
+        """The weights the method's teacher scores with: its copy, or the live policy."""
+        return self.params if self.teacher_params is None else self.teacher_params
+
 
 class Method:
     """Base class: GRPO's behaviour. Subclasses override what they change."""
@@ -95,9 +133,11 @@ class Method:
     fields: ClassVar[tuple[str, ...]] = ()
     #: run counters this method reports (``TeacherInputs.counts``), logged from step 1
     counters: ClassVar[tuple[str, ...]] = ()
+    #: the method's teacher weights by default (its authors' recipe); ``None``: no teacher
+    teacher: ClassVar[TeacherPolicy | None] = None
     description: ClassVar[str] = ""
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, *, teacher: TeacherPolicy | None = None):
         if self.config_type is not None:
             config = self.config_type() if config is None else config
             if not isinstance(config, self.config_type):
@@ -106,12 +146,22 @@ class Method:
         elif config is not None:
             raise TypeError(f"method {self.name!r} takes no settings, got {config!r}")
         self.config = config
+        if teacher is not None and type(self).teacher is None:
+            raise ValueError(f"method {self.name!r} has no teacher; teacher settings do not "
+                             "apply to it")
+        self.teacher_policy = teacher if teacher is not None else type(self).teacher
 
     @classmethod
     def from_run(cls, run) -> "Method":
-        """This method as a training run configures it (``method_config.<name>`` and any
-        run-level setting it reads)."""
-        return cls(run.method_settings())
+        """This method as a training run configures it: ``method_config.<name>`` and the
+        ``teacher`` section (values left ``None`` keep the method's recipe)."""
+        overrides = dataclasses.asdict(run.teacher)
+        if cls.teacher is None:
+            if any(v is not None for v in overrides.values()):
+                raise ValueError(f"method {cls.name!r} has no teacher; remove the teacher.* "
+                                 "settings")
+            return cls(run.method_settings())
+        return cls(run.method_settings(), teacher=cls.teacher.overridden(**overrides))
 
     @classmethod
     def check_run(cls, run) -> None:
@@ -134,7 +184,10 @@ class Method:
     # ---------------------------------------------------------------- build time
     def init_teacher(self, params):
         """This method's teacher weights (a copy), or ``None`` to use the live policy."""
-        return None
+        policy = self.teacher_policy
+        if policy is None or policy.weights == "live":
+            return None
+        return jax.tree.map(jnp.copy, params)
 
     def extra_programs(self, build) -> dict[str, Callable]:
         """Jitted programs of this method's own; ``build`` is the
@@ -173,13 +226,25 @@ class Method:
         return None
 
     def extra_loss(self, model, teacher, micro: UpdateBatch, policy_loss, aggregation: str,
-                   normalizer):
+                   normalizer, *, temperature: float = 1.0):
         """``(total loss, summed statistics)`` of one micro-batch; the policy loss alone by
-        default. ``teacher``: the teacher model (stop-gradient weights) or ``None``."""
+        default. ``teacher``: the teacher model (stop-gradient weights) or ``None``;
+        ``temperature``: the sampling temperature every log-prob is taken at."""
         return policy_loss, {}
 
-    def refresh_teacher(self, teacher, params, finite):
-        """Teacher weights after an optimizer step (``finite``: the step was applied)."""
+    def refresh_teacher(self, teacher, params, finite, step):
+        """Teacher weights after optimizer step ``step`` (0-based; ``finite``: the step was
+        applied), traced inside the update step: the EMA, or a frozen teacher's periodic
+        copy of the policy."""
+        policy = self.teacher_policy
+        if teacher is None or policy is None:
+            return teacher
+        if policy.weights == "ema":
+            updated = optax.incremental_update(params, teacher, policy.ema_rate)
+            return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, teacher)
+        if policy.weights == "frozen" and policy.refresh_every:
+            due = (step + 1) % policy.refresh_every == 0
+            return jax.tree.map(lambda new, old: jnp.where(due, new, old), params, teacher)
         return teacher
 
 

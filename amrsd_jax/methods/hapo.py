@@ -1,8 +1,10 @@
 """HAPO: entropy-capacity, sign-preserving reallocation of the sequence advantage.
 
 Math: :func:`amrsd_jax.credit.hapo.hapo_token_advantages` (our form of the principle; no
-reference code was published). Needs the old policy's per-token entropy, which the
-old-policy scoring pass returns alongside its log-probs (no extra forward).
+reference code was published): by default a reallocation that keeps each sequence's
+credit mass, SPEC.md's additive form as ``form=bonus``; the Four-Quadrant decomposition is
+logged. Needs the old policy's per-token entropy, which the old-policy scoring pass
+returns alongside its log-probs (no extra forward).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """OAR-G / OAR-P: outcome-grounded reshaping of the sequence advantage.
 
 Each reasoning token's importance for the response's own final answer (the log-prob of
-the verifier's answer span) reshapes ``A_i`` into bi-level per-token weights of mean 1
+the verifier's answer span) reshapes ``A_i`` into bi-level per-token weights of mean 1 over
+the reasoning tokens; the answer-span tokens keep ``A_i``
 (:func:`amrsd_jax.credit.oar.oar_token_advantages`). OAR-G takes the importance from one
 gradient with respect to the input embeddings, OAR-P from pad-substitution forwards. The
 importance pass is this method's own program, built once with the run's others.
@@ -93,7 +94,7 @@ def outcome_importance(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.A
 
 class _OAR(Method):
     config_type = OARConfig
-    fields = ("importance",)
+    fields = ("importance", "answer_mask")
     mode = "gradient"
 
     def extra_programs(self, build):
@@ -116,10 +117,11 @@ class _OAR(Method):
         importance = ctx.programs.extra["importance"](
             ctx.params, rollouts.prompt_ids, rollouts.prompt_mask, sample.tokens,
             rollouts.response_mask, answer, ctx.score_key)
-        return batch.replace(importance=importance), {}
+        return batch.replace(importance=importance, answer_mask=answer), {}
 
     def token_advantages(self, advantages, batch, mask, step):
-        return oar_token_advantages(advantages, batch.importance, mask, self.config)
+        return oar_token_advantages(advantages, batch.importance, mask, self.config,
+                                    answer_mask=batch.answer_mask)
 
 
 @register

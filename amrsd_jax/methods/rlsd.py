@@ -1,21 +1,24 @@
 """RLSD: the reference solution as teacher context, a frozen teacher, and the clipped
 sign-aware likelihood ratio as per-token weight.
 
-Math: :func:`amrsd_jax.credit.rlsd.rlsd_token_advantages`. Teacher: the initial policy,
-frozen (a weight copy made at start-up), scoring each rollout after a prompt that shows
-the reference solution.
+The recipe is the authors' (iie-ycx/RLSD ``rlsd_train.sh``), which SPEC.md yields to:
+``lam`` 0.5 decaying linearly to 0 over ``decay_steps = 60`` optimizer steps (pure GRPO
+after), token weights clipped to ``[0.8, 1.2]``, and a frozen teacher (the initial
+policy) re-copied from the policy after every 20th step (``teacher.refresh_every``).
+Math: :func:`amrsd_jax.credit.rlsd.rlsd_token_advantages`. The teacher scores each
+rollout after a prompt showing the reference solution. Difference: the authors' ``d`` uses
+the current policy's log-probs from the training forward; here it is ``lp_old``, the same
+number when (as in their recipe) each batch takes one optimizer step.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..credit.rlsd import RLSDConfig, rlsd_token_advantages
 from ..reflection.contexts import rlsd_teacher_prompt
-from ..rollout.prompts import encode_teacher_prompts
-from .base import Method, TeacherInputs, register
+from ..rollout.prompts import encode_teacher_prompts, fit_privileged
+from .base import Method, TeacherInputs, TeacherPolicy, register
 
 
 @register
@@ -24,6 +27,7 @@ class RLSD(Method):
     config_type = RLSDConfig
     fields = ("teacher_logprobs",)
     counters = ("truncated_teacher_prompts",)
+    teacher = TeacherPolicy("frozen", refresh_every=20)
     description = "reference solution as teacher context; clipped sign-aware likelihood ratio"
 
     @classmethod
@@ -37,26 +41,30 @@ class RLSD(Method):
     def scoring_passes(self, run) -> dict[str, int]:
         return {"teacher": run.reflection.max_teacher_prompt_tokens}
 
-    def init_teacher(self, params):
-        return jax.tree.map(jnp.copy, params)  # frozen: the initial policy
-
     def teacher_inputs(self, ctx, rollouts):
-        messages = [rlsd_teacher_prompt(ex["prompt"], ex.get("solution") or "")
-                    for ex in rollouts.examples]
+        run, messages, cut = ctx.config, [], 0
+        for ex in rollouts.examples:  # the solution is cut to fit, never the question
+            message, was_cut = fit_privileged(
+                ctx.tokenizer, lambda p, q=ex["prompt"]: rlsd_teacher_prompt(q, p),
+                ex.get("solution") or "", max_tokens=run.reflection.max_teacher_prompt_tokens,
+                system_prompt=run.model.system_prompt)
+            messages.append(message)
+            cut += was_cut
         ids, mask, valid, truncated = encode_teacher_prompts(
             ctx.tokenizer, messages, rollouts.prompt_ids, rollouts.prompt_mask,
-            max_tokens=ctx.config.reflection.max_teacher_prompt_tokens,
-            system_prompt=ctx.config.model.system_prompt)
+            max_tokens=run.reflection.max_teacher_prompt_tokens,
+            system_prompt=run.model.system_prompt)
+        truncated += cut
         rows = np.arange(rollouts.num_rows)
         return TeacherInputs(ids, mask, valid, rows, rows,
                              metrics={"teacher_valid_frac": float(valid.mean())},
                              counts={"truncated_teacher_prompts": truncated})
 
     def score(self, ctx, rollouts, teacher, batch):
-        lp_teacher, _ = ctx.programs.score(ctx.teacher_params, teacher.ids, teacher.mask,
+        lp_teacher, _ = ctx.programs.score(ctx.teacher_weights, teacher.ids, teacher.mask,
                                            rollouts.sample.tokens, rollouts.response_mask)
         return batch.replace(teacher_logprobs=lp_teacher), {}
 
     def token_advantages(self, advantages, batch, mask, step):
         return rlsd_token_advantages(advantages, batch.teacher_logprobs, batch.old_logprobs,
-                                     mask, self.config)
+                                     mask, self.config, step)

@@ -8,7 +8,7 @@ starts the answer survives); either way the count is returned for the logs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -128,3 +128,26 @@ def encode_teacher_prompts(tokenizer, messages: Sequence[str | None], fallback_i
             else fallback_ids[i][fallback_mask[i].astype(bool)] for i in range(len(messages))]
     ids, mask = left_padded(rows, width, resolve_pad_id(tokenizer))
     return ids, mask, valid, enc.truncated
+
+
+def fit_privileged(tokenizer, render: Callable[[str], str], privileged: str, *,
+                   max_tokens: int, system_prompt: str | None = None) -> tuple[str, bool]:
+    """The user message ``render(privileged)``, with ``privileged`` (a peer solution, a
+    reference solution, a reflection) cut from its end until the chat-encoded prompt fits
+    ``max_tokens``; the rest of the message, the question first, is never cut. Returns
+    ``(message, whether privileged was cut)``."""
+
+    def length(text: str) -> int:
+        rendered = apply_chat_template(tokenizer, [render(text)], system_prompt=system_prompt)
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"][0])
+
+    over = length(privileged) - max_tokens
+    if over <= 0:
+        return render(privileged), False
+    ids = tokenizer(privileged, add_special_tokens=False)["input_ids"]
+    keep = max(len(ids) - over, 0)
+    text = tokenizer.decode(ids[:keep])
+    while keep > 0 and length(text) > max_tokens:  # re-tokenising may add a token or two
+        keep -= 1
+        text = tokenizer.decode(ids[:keep])
+    return render(text), True

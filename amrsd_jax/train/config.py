@@ -148,10 +148,30 @@ class ReflectionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher's weights, for methods that have a teacher (SPEC.md); every value left
+    ``None`` keeps the method's recipe (AMR-SD: live; RLSD: frozen, refreshed every 20
+    steps; SDPO: EMA, rate 0.05). See ``amrsd_jax.methods.base.TeacherPolicy``."""
+
+    weights: str | None = None  # live | ema | frozen
+    ema_rate: float | None = None  # weights=ema: teacher <- (1 - rate) teacher + rate policy
+    refresh_every: int | None = None  # weights=frozen: copy the policy every N steps (0: never)
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """The verifier: a registered reward function by name (``math``, ``format`` ...)."""
+    """The verifier: a registered reward function by name (``math``, ``math_strict``,
+    ``gsm8k``, ``math500``, ``format`` ...).
+
+    ``strict`` (built-in math verifiers only): require a ``\\boxed{}`` / ``####`` /
+    ``Answer:`` marker and reward 0 for truncated responses. ``None``: strict when
+    ``data.prompt_suffix`` asks for a marked answer (the built-in suffix does), and always
+    for ``gsm8k`` / ``math500`` / ``math_strict``; the name actually called is
+    ``amrsd_jax.rewards.resolve_reward_name(name, strict, data.prompt_suffix)``.
+    """
 
     name: str = "math"
+    strict: bool | None = None  # None: strict iff the prompt asks for a marked answer
     format_weight: float = 0.0  # added format reward weight (0 = off)
     success_threshold: float = 1.0  # "correct" when reward >= this
     timeout_s: float = 1.0  # per call, cooperative (the built-in verifiers check it)
@@ -220,13 +240,17 @@ class TrainConfig:
     output_dir: str = "runs/{method}-seed{seed}"  # {method} and {seed} are filled in
     micro_batches: int = 1
     advantage_scale: str = "group"
-    ema_rate: float = 0.05  # SDPO's EMA teacher: teacher <- (1 - rate) teacher + rate policy
+    # A_i = (r_i - mean) / (std + eps): TRL's defaults (unbiased std, eps 1e-4); verl also
+    # uses the unbiased std (eps 1e-6); 0 gives the population std
+    advantage_std_ddof: int = 1
+    advantage_eps: float = 1e-4
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     vocab_chunk: int | None = None
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     reflection: ReflectionConfig = ReflectionConfig()
+    teacher: TeacherConfig = TeacherConfig()
     reward: RewardConfig = RewardConfig()
     policy: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6)
@@ -256,14 +280,17 @@ class TrainConfig:
                 f"micro_batches={self.micro_batches} does not divide the step's "
                 f"{self.rollout.batch_size} rollouts (prompts_per_step x group_size)")
         method.check_run(self)
+        self.make_method()  # the method's settings and teacher overrides, checked now
         if self.reflection.use_reference_solution and not self.data.has_reference_solutions:
             raise ValueError("reflection.use_reference_solution=true needs reference solutions "
                              "in the data (set data.solution_field)")
+        if self.advantage_std_ddof not in (0, 1):
+            raise ValueError(f"advantage_std_ddof must be 0 or 1, got {self.advantage_std_ddof}")
+        if self.advantage_eps < 0:
+            raise ValueError(f"advantage_eps must be >= 0, got {self.advantage_eps}")
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ValueError(f"advantage_scale must be group, batch or none, got "
                              f"{self.advantage_scale!r}")
-        if not 0.0 < self.ema_rate <= 1.0:
-            raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
 
     def method_settings(self, name: str | None = None):
         """Method ``name``'s (default: the selected method's) config dataclass built from
@@ -279,8 +306,11 @@ class TrainConfig:
         """What the update step computes for this run."""
         return StepConfig(method=method or self.make_method(),
                           group_size=self.rollout.group_size,
-                          advantage_scale=self.advantage_scale, micro_batches=self.micro_batches,
-                          policy=self.policy, vocab_chunk=self.vocab_chunk)
+                          advantage_scale=self.advantage_scale,
+                          advantage_std_ddof=self.advantage_std_ddof,
+                          advantage_eps=self.advantage_eps, micro_batches=self.micro_batches,
+                          policy=self.policy, vocab_chunk=self.vocab_chunk,
+                          temperature=self.rollout.temperature)
 
     def shapes(self) -> "RunShapes":
         """The array shapes of one iteration, as the trainer pads them."""
@@ -303,6 +333,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every default a method brings filled in: the selected
+        method's full settings and its teacher (``None``: the method has none)."""
+        out, method = self.to_dict(), self.make_method()
+        settings = {} if method.config is None else to_dict(method.config)
+        out["method_config"] = {self.method: settings}
+        policy = method.teacher_policy
+        out["teacher"] = None if policy is None else dataclasses.asdict(policy)
+        return out
 
 
 def check_mesh(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
