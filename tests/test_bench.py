@@ -272,6 +272,7 @@ def test_matmul_peak_is_positive():
     (["bench", "compare"], "amrsd_jax.bench.compare"),
     (["bench", "overhead"], "amrsd_jax.bench.overhead"),
     (["bench", "ttsd"], "amrsd_jax.bench.ttsd"),
+    (["bench", "verifier"], "amrsd_jax.bench.verifier"),
     (["ttsd", "--question", "q", "--answer", "1"], "amrsd_jax.ttsd"),
 ])
 def test_cli_dispatches_to_the_module_main(argv, module, monkeypatch):

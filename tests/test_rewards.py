@@ -1,4 +1,8 @@
-"""Tests for the rule-based math verifier, the reward registry and safe scoring (pure Python)."""
+"""Tests for the math verifier, the reward registry and safe scoring.
+
+The new properties of issue #16 (math-verify routing, closed false positives, hedges, strict
+mode, thread-safe timeouts) are tested in tests/test_verifier_properties.py and on the
+labelled case files in tests/test_verifier_cases.py."""
 
 from __future__ import annotations
 
@@ -111,7 +115,6 @@ CORRECT = [
     ("It costs $1,234 in total", "1234", "$1,234", "last_number"),
     ("First 3, then 4, finally 5", "5", "5", "last_number"),
     ("x = -3", "-3", "-3", "last_number"),
-    ("so 5-3", "3", "3", "last_number"),
     ("the ratio is 3/4", "0.75", "3/4", "last_number"),
     ("the ratio is \\frac{3}{4}", "3/4", "\\frac{3}{4}", "last_number"),
     ("it grew by 50%", "50", "50%", "last_number"),
@@ -125,6 +128,12 @@ CORRECT = [
     (r"\boxed{0.25}", 0.25, "0.25", "boxed"),
     (r"\boxed{1234}", "1,234", "1234", "boxed"),
     (r"\boxed{3/4}", r"\frac{3}{4}", "3/4", "boxed"),
+    # equal but not written as a number / not the same string: math-verify decides
+    (r"\boxed{3+4}", "7", "3+4", "boxed"),
+    (r"\boxed{1\frac{1}{2}}", "3/2", r"1\frac{1}{2}", "boxed"),
+    (r"\boxed{\text{seven}}", "7", r"\text{seven}", "boxed"),
+    (r"\boxed{1+x}", "x+1", "1+x", "boxed"),
+    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", r"2\sqrt{2}", "boxed"),
 ]
 
 
@@ -164,21 +173,20 @@ WRONG = [
     ("Answer: 7. Check: 8", "8", "wrong value: got 7"),
     # not a single number
     (r"\boxed{2, 3}", "2", "expected a number, got '2, 3'"),
-    (r"\boxed{3 or 4}", "3", "expected a number, got '3 or 4'"),
+    (r"\boxed{3 or 4}", "3", "more than one final answer: '3 or 4'"),
     (r"\boxed{4i}", "4", "expected a number, got '4i'"),
     (r"\boxed{2x}", "2", "expected a number, got '2x'"),
     (r"\boxed{5k}", "5", "expected a number, got '5k'"),
-    (r"\boxed{3+4}", "7", "expected a number, got '3+4'"),
-    (r"\boxed{1\frac{1}{2}}", "3/2", r"expected a number, got '1\frac{1}{2}'"),  # mixed numbers unsupported
-    (r"\boxed{\text{seven}}", "7", r"expected a number, got '\text{seven}'"),
+    (r"\boxed{1\frac{1}{3}}", "3/2", r"wrong value: got 1\frac{1}{3}"),
+    (r"\boxed{\text{eight}}", "7", r"wrong value: got \text{eight}"),
     ("Answer: I don't know", "7", "expected a number, got 'I don't know'"),
     (r"\boxed{٣}", "3", "expected a number, got '٣'"),  # non-ASCII digits are not numbers
     (r"\boxed{１２}", "12", "expected a number, got '１２'"),
     # symbolic (string) fallback
     (r"\boxed{C}", "B", "wrong answer: got 'C'"),
-    (r"\boxed{1+x}", "x+1", "wrong answer: got '1+x'"),
+    (r"\boxed{1-x}", "x+1", "wrong answer: got '1-x'"),
     (r"\boxed{x^3+1}", "x^2+1", "wrong answer: got 'x^3+1'"),
-    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", r"wrong answer: got '2\sqrt{2}'"),
+    (r"\boxed{2\sqrt{3}}", r"\sqrt{8}", r"wrong answer: got '2\sqrt{3}'"),
     (r"\boxed{5}", r"\sqrt{2}", "wrong answer: got '5'"),
 ]
 
@@ -233,12 +241,12 @@ def test_unbalanced_last_box_uses_previous_complete_one():
 
 def test_nested_braces_in_box():
     response = r"\boxed{\frac{\frac{1}{2}}{2}}"
-    # nested fractions are not evaluated (no arithmetic on model output) ...
+    # a nested fraction is a closed numeric expression: math-verify evaluates it
     res = verify_math(response, "1/4")
-    assert not res.correct and res.extracted == r"\frac{\frac{1}{2}}{2}"
-    assert res.feedback.startswith("expected a number")
+    assert res.correct and res.extracted == r"\frac{\frac{1}{2}}{2}"
     check_span(response, res)
-    # ... but the normalised-string fallback matches the same expression written differently
+    assert not verify_math(response, "1/2").correct
+    # the normalised strings match without math-verify
     assert verify_math(response, r"\dfrac{\frac12}{2}").correct
     deep = r"\boxed{" + "{" * 500 + "7" + "}" * 500 + "}"
     res = verify_math(deep, "7")

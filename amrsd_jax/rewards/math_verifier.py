@@ -1,62 +1,107 @@
-r"""Rule-based verifier for math answers (GSM8K / MATH style) and the reward-function registry.
+r"""Math answer verifier (GSM8K / MATH style) and the reward-function registry.
 
-Pure Python (``re`` + ``fractions.Fraction``); model output is never evaluated: there is no
-``eval``/``exec``/``sympify`` anywhere, numbers are parsed by regular expressions and
-``Fraction``.
+``reward.name=math`` (:func:`verify_math`) is a combined verifier: a fast rule-based path
+for numeric golds (regular expressions and ``fractions.Fraction``, no sympy) and
+Hugging Face's ``math-verify`` (:mod:`~amrsd_jax.rewards.symbolic`) for everything else.
+Model output is never evaluated with ``eval``/``exec``/``sympify``; math-verify parses
+LaTeX with its ANTLR grammar.
 
-Extraction (on the last :data:`MAX_RESPONSE_CHARS` characters of the response; spans are
-reported in coordinates of the *full* response), first form found wins:
+**Extraction** (on the last :data:`MAX_RESPONSE_CHARS` characters of the response, which
+ends at its first chat special token such as ``<|im_end|>``; spans are reported in
+coordinates of the *full* response), first form found wins:
 
 1. the last balanced ``\boxed{...}`` (or ``\fbox{...}``) with non-empty content;
 2. the last ``#### <answer>`` (rest of that line, or of the next line if empty);
 3. the last ``Answer: ...`` / ``answer is ...`` (case-insensitive; rest of the line, cut at
    the first sentence end ``". "``);
-4. the last number in the text (``-1,234.5``, ``3/4``, ``50%``, ``\frac{3}{4}``).
+4. lenient mode only: the last number of the text (``-1,234.5``, ``3/4``, ``50%``,
+   ``\frac{3}{4}``, ``2.5 million``) if it is *standalone*, or the last math environment
+   (``$...$``, ``\(...\)``, ``\[...\]``) if it ends at or after that number. A number is
+   standalone when it is not glued to letters (``18x``), not inside braces or an exponent
+   (``\frac{1+\sqrt{5}}{2}``, ``10^{6}``) and not an operand (``5-3``, ``2 \times 3``,
+   ``3 times 4``; markdown ``**12**`` is fine); an earlier number is never used instead.
+   A response whose unmarked answer is followed by an unfinished sentence (see strict
+   mode) has no final answer.
 
-Inside forms 2-3 the answer may be followed by prose: ``"42 because 6*7=42"`` yields ``42``,
-``"x = 5"`` and ``"3 + 4 = 7"`` yield the right-hand side of the last ``=``. Inside
-``\boxed{}`` only the ``=`` rule applies (``\boxed{2, 3}`` is *not* read as ``2``).
-``answer_span`` covers the answer proper (e.g. ``"12 apples"``, ``"42"``, ``"\frac{3}{4}"``).
+Inside forms 2-3 the answer may be followed by prose: ``"42 because 6*7=42"`` yields
+``42``; a prose answer with exactly one number and no negation or bound word
+(``not``, ``at least``, ``between``...) yields that number ("The volume is 120"). An
+equation ``lhs = rhs`` (or a chain ``z = 1 + 1 = 2``; ``=`` inside brackets, as in
+``\sum_{k=0}``, does not count, nor does a list ``x = 1, y = 2``) is reduced to its last
+right-hand side when ``lhs`` is a single variable (``x``, ``f(x)``, ``\theta_1``) or a
+tuple of them (``(p,q)``); in a response it also is when that side is a number and the
+rest are short expressions without variables (``3 + 4 = 7``). A *gold* equation with any
+other left side (``2x + z = 1``) is kept whole and only an equation can match it.
+``a \approx b`` is read as ``a`` (the exact value), or as ``b`` when ``a`` is just the
+variable (``x \approx 11``). ``answer_span`` covers the answer proper (e.g. ``"12
+apples"``, ``"42"``, ``"\frac{3}{4}"``).
 
-Numeric normalisation (both the gold and the extracted answer):
+**Hedges** are rejected (reward 0, feedback "more than one final answer"), unless the
+gold itself has several values (a top-level comma, ``or``, ``\pm``): an answer containing
+``or``/``either``/``maybe``/``possibly``/``perhaps``/``alternatively``/``\pm``
+(``"5 or 6"``), an alternative right after it on its line (``\boxed{5}, or possibly 6``),
+a hedge word right before it (``5 or \boxed{6}``), and two adjacent boxed answers that
+differ (``\boxed{5} or \boxed{6}``, ``\boxed{5}, \boxed{6}``). A later answer after other
+text is a correction, not a hedge: the last one counts.
+
+**Strict mode** (``strict=True``, reward names ``math_strict``, ``gsm8k``, ``math500``)
+requires a final-answer marker (no fallback 4) and rejects truncated responses: an open
+``\boxed{`` after the answer, or text after the answer that ends mid-sentence (not with
+``. ! ? ) ] } $ *`` or a closing quote; up to three trailing words without digits such as
+``\boxed{12} apples`` are allowed). :func:`resolve_reward_name` maps ``reward.name`` and
+``reward.strict`` (``None``: strict iff the prompt asks for a marked answer) to a
+registered name.
+
+**Comparison.** Numeric golds (``72``, ``-3.5``, ``1,234``, ``3/4``, ``\frac{3}{4}``,
+``50%``, ``1.5 million``) use the fast path when the answer is a number too:
 
 * ``$``, ``\$``, ``\(``, ``\)``, ``\[``, ``\]``, ``\left``/``\right``, ``\!``, ``\,``, ``\;``,
   ``~``, ``\displaystyle`` and braces are dropped; ``\text{..}``/``\mathrm{..}``/``\mbox{..}``
-  etc. are replaced by their content; ``\dfrac``/``\tfrac`` are ``\frac``;
-  ``\frac{a}{b}``/``\frac12`` become ``a/b``; ``(3)`` becomes ``3``; U+2212 is ``-``.
+  etc. are replaced by their content; ``\dfrac``/``\tfrac``/``\cfrac`` are ``\frac``;
+  ``\frac{a}{b}``/``\frac12``/``\frac3{4}`` become ``a/b``; ``(3)`` becomes ``3``;
+  ``32,\! 349`` is ``32,349``; ``\pmod{n}`` is dropped; U+2212 is ``-``.
 * thousands separators ``1,234`` (groups of exactly three digits), leading ``+``/``-``,
   trailing ``.``, trailing zeros (``12.0 == 12``), ``.5``, ``1.5e3``,
   ``1.5 \times 10^{3}`` are understood; values are exact ``Fraction`` s, so
-  ``0.75 == 3/4 == \frac{6}{8}`` but ``0.33 != 1/3`` (no tolerance).
-* units / words after the number are ignored (``"12 apples"``, ``"5 dollars"``,
-  ``"3 cm"``, ``"3cm"``, ``"90^\circ"``, ``"12\text{ m}^2"``), with guards against reading
-  an expression as a unit: a unit is at most 4 words and 40 characters, contains none of
+  ``0.75 == 3/4 == \frac{6}{8}`` but ``0.33 != 1/3``.
+* ``hundred``/``thousand``/``million``/``billion``/``trillion``/``dozen`` after a number
+  multiply it (``1 million == 1000000``).
+* units / words after the number are ignored (``"12 apples"``, ``"5 dollars"``, ``"3cm"``,
+  ``"90^\circ"``, ``"12\text{ m}^2"``) unless both sides carry a known unit and the
+  units differ (``12 m != 12 cm``; no conversion). Guards against reading an expression as
+  a unit: a unit is at most 4 words and 40 characters, contains none of
   ``and/or/to/plus/minus/times/...``, a one-letter unit must be one of ``m g s l h``
   (so ``"4i"``, ``"2x"``, ``"5k"`` are *not* numbers), and a unit glued to the number
   (``"3cm"``) must be a known abbreviation.
-* percentages: ``"50%"``, ``"50\%"``, ``"50 percent"`` have value 50 *and* are marked as
-  percentages. A percentage equals a plain number ``x`` when ``x == p`` or ``x == p/100``
-  (so ``"50%"`` matches gold ``"50"`` and gold ``"0.5"``); two percentages must be equal
-  (``"0.5%" != "50%"``).
-* only ASCII digits are digits; other Unicode digits (``"٣"``, ``"３"``) are compared as
-  strings.
-* numbers longer than 100 digits (or candidates longer than 200 characters) are compared as
-  strings.
+* percentages: ``"50%"`` equals a plain ``x`` when ``x == 50`` or ``x == 0.5``; two
+  percentages must be equal.
+* a decimal with at least 4 places matches a gold without a finite decimal expansion that
+  it rounds or truncates (``0.6667`` or ``0.6666`` for ``2/3``; not ``0.67``); an exact
+  decimal gold needs its exact value.
+* spelled-out integers (``forty-two``, ``one hundred and five``) are numbers.
+* only ASCII digits are digits; numbers longer than 100 digits are compared as strings.
 
-Non-numeric ("symbolic") fallback: when the gold or the answer is not a single number, the
-two are compared as normalised strings -- the LaTeX clean-up above, then all whitespace
-and braces removed, lower-cased, trailing ``.`` removed, ``"(B)"`` -> ``"b"``. This is
-string identity, not algebra: ``x+1`` vs ``1+x``, ``\sqrt{8}`` vs ``2\sqrt{2}``, ``{1,2}``
-vs ``{2,1}``, ``0.5x`` vs ``x/2``, ``1\frac{1}{2}`` vs ``3/2`` all compare unequal, and
-case is ignored (``A`` == ``a``). Units are ignored, not converted (``12 m`` == ``12 cm``).
+A numeric gold with an answer (marked, or the last math environment) that is a closed
+numeric expression (digits, operators, ``\frac``, ``\sqrt``, ``\times``, ``^``; e.g.
+``\boxed{2+40}``, ``\boxed{1\frac{1}{2}}``, ``\boxed{10^6}``) goes to math-verify; any
+other non-number answer is wrong ("expected a number"). Every other gold is compared by normalised-string
+identity first (the clean-up above, whitespace and braces removed, lower-cased,
+``"(B)"`` -> ``"b"``) and then by math-verify (expressions, equations, sets, intervals,
+tuples, matrices; see :mod:`~amrsd_jax.rewards.symbolic`), with the gold wrapped in
+``\boxed{}`` as verl does.
 
 A gold containing ``\boxed{}`` or ``####`` (e.g. a full GSM8K solution) is reduced to its
-boxed / ``####`` answer first.
+boxed / ``####`` answer first (adjacent boxes, ``\boxed{1}, \boxed{2}``, make a list); a
+long gold without them (a whole solution) to its last ``Answer:`` / ``answer is``. A gold
+listing labelled values (``AB = 4, CD = 5``) is matched by label, or in order by an
+unlabelled list (math-verify alone compares such lists as sets: ``5, 4`` would pass).
 
-Time bound: the work is linear in the (capped) input, and ``timeout_s`` is a cooperative
-deadline checked between stages; past it, the verifier returns reward 0 with
-``error="timeout: ..."``. (CPython's ``re`` holds the GIL, so a thread watchdog could not
-interrupt a regex anyway; the patterns here avoid nested/overlapping quantifiers.)
+**Time bound.** The rule-based work is linear in the (capped) input and ``timeout_s`` is a
+cooperative deadline checked between stages; a math-verify comparison runs in a worker
+thread waited for the remaining time (works from any thread; math-verify's
+``signal.alarm`` timeouts are off). Past the deadline the verifier returns reward 0 with
+``error="timeout: ..."``. Importing math-verify (first symbolic call, ~0.5 s) is not
+charged to the deadline; :func:`warm_up` does it ahead of time.
 """
 
 from __future__ import annotations
@@ -70,17 +115,28 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Iterable
 
+from . import symbolic
+
 __all__ = [
     "MAX_RESPONSE_CHARS",
     "REWARD_FUNCTIONS",
+    "STRICT_REWARDS",
     "VerifierResult",
+    "asks_for_marker",
     "extract_answer",
     "format_reward",
     "get_reward_fn",
+    "is_numeric_gold",
     "register_reward",
+    "resolve_reward_name",
     "safe_reward",
     "score_batch",
+    "verify_gsm8k",
     "verify_math",
+    "verify_math500",
+    "verify_math_strict",
+    "verify_math_verify",
+    "warm_up",
 ]
 
 MAX_RESPONSE_CHARS = 4000  # extraction looks at the last this-many characters
@@ -97,6 +153,9 @@ FEEDBACK_FORMAT_OK = "format ok"
 FEEDBACK_FORMAT_MISSING = (
     "no final-answer marker (\\boxed{...}, '#### ...' or 'Answer: ...') at the end of the response"
 )
+FEEDBACK_TRUNCATED = "truncated response: it stops mid-sentence after the final answer"
+FEEDBACK_OPEN_BOX = "truncated response: an unfinished \\boxed{ after the final answer"
+_MARKER_TEXT = {"boxed": "\\boxed{...}", "hash": "'#### ...'", "answer": "'Answer: ...'"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +171,7 @@ class VerifierResult:
       feedback: short text for self-distillation prompts; never contains the gold answer.
       error: ``None``, or why verification failed (exception, timeout, invalid reward).
       method: which extraction rule fired (``"boxed"``, ``"hash"``, ``"answer"``,
-        ``"last_number"``) or ``None``.
+        ``"last_number"``, ``"last_math"``) or ``None``.
     """
 
     reward: float
@@ -147,6 +206,13 @@ class _Deadline:
         if self.end is not None and time.monotonic() >= self.end:
             raise _VerifierTimeout
 
+    def extend(self, seconds: float) -> None:
+        if self.end is not None:
+            self.end += seconds
+
+    def remaining(self) -> float | None:
+        return None if self.end is None else self.end - time.monotonic()
+
 
 # ----------------------------------------------------------------------------- patterns
 
@@ -165,40 +231,90 @@ _NUMBER_FULL_RE = re.compile(
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
-_ANSWER_RE = re.compile(r"(?<![A-Za-z])answer(?:\s{0,10}is\b\s{0,10}:?|\s{0,10}:)", re.IGNORECASE)
+_ANSWER_RE = re.compile(r"(?<![A-Za-z])answer\**(?:\s{0,10}is\b\s{0,10}:?|\s{0,10}:)", re.IGNORECASE)
 _SKIP_RE = re.compile(r"[\s*]*")
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
 
 _LAST_NUM_RE = re.compile(
     r"(?<![0-9A-Za-z_.\\])(?:"
     r"[-+]?\\[dt]?frac\{[^{}]{1,50}\}\{[^{}]{1,50}\}"
-    r"|[-+]?\$?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?"
+    r"|[-+]?\$?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+|(?=\.[0-9]))(?:\.[0-9]+)?"
     r"(?:\s?/\s?[0-9]+(?:\.[0-9]+)?)?(?:\s?\\?%)?"
     r")"
 )
+# what may follow a standalone number glued to it: a LaTeX command that is not an operator
+_GLUED_CMD_RE = re.compile(r"\\(?:text|mathrm|mbox|textbf|operatorname|[,;:! )\]$%]|q?quad)")
+_WORD_BEFORE_RE = re.compile(r"(?:([A-Za-z]+)\s+)?([A-Za-z]+)\s*$")
+_WORD_OPERATORS = frozenset({"times", "plus", "minus", "over", "x", "dividedby", "multipliedby"})
+_OPERATOR_CMD_RE = re.compile(r"\\(?:times|cdot|div|pm|mp|frac|dfrac|tfrac|sqrt)(?![A-Za-z])")
+_SPECIAL_TOKEN_RE = re.compile(r"<\|[a-z_]{2,24}\|>")
+_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$\$?")
 
 # a number at the start of a prose segment, followed by words or punctuation
 _LEAD_NUM_RE = re.compile(
     r"(?P<tok>[-+]?\$?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?"
     r"(?:\s?/\s?[0-9]+(?:\.[0-9]+)?)?(?:\s?\\?%)?\$?)"
-    r"(?:\s*[,;:!?)]\s*|\s+)(?P<word>[A-Za-z]+)"
+    r"(?:(?:\s*[,;:!?)]\s*|\s+)(?P<word>[A-Za-z]+)|\s*(?P<paren>\())"
 )
-_VAR_LHS_RE = re.compile(r"\s*[A-Za-z](?:_\{?[A-Za-z0-9]{1,4}\}?)?\s*")
+_VAR = (r"(?:[A-Za-z]|\\(?:alpha|beta|gamma|delta|epsilon|theta|lambda|mu|phi|varphi|psi|"
+        r"omega|sigma|rho|tau|eta|xi|zeta|kappa|nu|chi)(?![A-Za-z]))"
+        r"(?:_\{?[A-Za-z0-9]{1,4}\}?)?(?:\s*\(\s*[A-Za-z]\s*\))?")
+_VAR_LHS_RE = re.compile(r"\s*(?:" + _VAR + r"|\(\s*" + _VAR + r"(?:\s*,\s*" + _VAR
+                         + r")+\s*\))\s*")
+# the left side of "lhs = <number>" in a response that may be dropped: a short expression
+_EXPR_LHS_RE = re.compile(r"[^=$]{1,60}")
+_APPROX_RE = re.compile(r"\\approx(?![A-Za-z])|≈")
+_DIGIT_RUN_RE = re.compile(r"[0-9](?:[0-9,.]*[0-9])?")
+_BOUND_RE = re.compile(r"(?i)(?<![A-Za-z])(?:not|no|never|neither|nor|except|without|cannot|"
+                       r"isn't|aren't|wasn't|can't|least|most|more|less|fewer|greater|up to|"
+                       r"approximately|about|around|roughly|nearly|almost|over|under|between)"
+                       r"(?![A-Za-z])")
+_QUAD_RE = re.compile(r"\\q?quad(?![A-Za-z])")
+_LIST_AND_RE = re.compile(r"\\text\s*\{\s*and\s*\}|(?<![A-Za-z\\])and(?![A-Za-z])")
+_SUBSCRIPT_RE = re.compile(r"_\{[^{}]*\}|_[A-Za-z0-9]")
+_ALGEBRA_LHS_RE = re.compile(r"[+\-^]|[0-9]\s*[A-Za-z]|\\(?:frac|sqrt|cdot|times)(?![A-Za-z])"
+                             r"(?=.*[a-z])")
+_SINGLE_LETTER_RE = re.compile(r"(?<![A-Za-z\\])[A-Za-z](?![A-Za-z])")
+_ALGEBRA_CHARS = "0123456789+-*/^()=_{}"
 
 # LaTeX clean-up
-_DFRAC_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
+_DFRAC_RE = re.compile(r"\\[dtc]frac(?![A-Za-z])")
 _LEFTRIGHT_RE = re.compile(r"\\(?:left|right|displaystyle|textstyle|big|Big|bigl|bigr|Bigl|Bigr)(?![A-Za-z])")
 _DELIM_RE = re.compile(r"\\[()\[\]]")
 _SPACING_RE = re.compile(r"\\[!,;: ]|~")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|textup|textnormal|mathrm|mathbf|mathit"
+                      r"|mathsf|mbox|operatorname)\s*\{([^{}]*)\}")
+_MOD_RE = re.compile(r"\\pmod\s*\{[^{}]*\}|\\pmod\s*[0-9]+|\(\s*\\?mod\s*[0-9]+\s*\)")
 _DEGREE_RE = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°)\s*(?:[CF](?![A-Za-z]))?")
 _UNIT_POWER_RE = re.compile(r"(?<=[A-Za-z])\s*\^\s*\{?\s*[23]\s*\}?")
 _FRAC_RE = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_FRAC_SHORT_RE = re.compile(r"\\frac\s*([0-9])\s*([0-9])")
+_FRAC_SHORT_RE = re.compile(r"\\frac\s*(?:([0-9])\s*([0-9])|([0-9])\s*\{([^{}]*)\}|\{([^{}]*)\}\s*([0-9]))")
+_THOUSANDS_LATEX_RE = re.compile(r"(?<=[0-9]),\\!\s*(?=[0-9]{3})")
 _PAREN_NUM_RE = re.compile(r"\(\s*([-+]?\s?(?:" + _NUM + r"))\s*\)")
 _WS_RE = re.compile(r"\s+")
 _CHOICE_RE = re.compile(r"\(([a-z])\)")
 
+# hedges
+_HEDGE_WORDS = r"or|either|maybe|possibly|perhaps|alternatively"
+_HEDGE_RE = re.compile(r"(?i)(?<![A-Za-z\\])(?:" + _HEDGE_WORDS + r")(?![A-Za-z])"
+                       r"|\\(?:lor|vee|pm|mp)(?![A-Za-z])|[±∓]")
+_HEDGE_AFTER_RE = re.compile(r"(?i)(?<![A-Za-z\\])(?:" + _HEDGE_WORDS + r"|could\s+(?:also\s+)?be"
+                             r"|might\s+(?:also\s+)?be)(?![A-Za-z])(?=.*?(?:[0-9]|\\boxed|\$))")
+_HEDGE_BEFORE_RE = re.compile(r"(?i)(?<![A-Za-z\\])(?:" + _HEDGE_WORDS + r")"
+                              r"[\s$*:(]*(?:\\[(\[])?[\s$]*(?:\\(?:boxed|fbox)\s*\{)?\s*$")
+# what may separate two boxed answers that are one final answer list
+_CONNECTOR_RE = re.compile(r"(?i)(?:\s|[$,;&/*()]|\\[()\[\],;!: ]|\\\\|\\q?quad(?![A-Za-z])"
+                           r"|\\text\s*\{\s*(?:and|or|,)?\s*\}|(?<![A-Za-z])(?:and|or|either)"
+                           r"(?![A-Za-z]))*")
+_MULTI_GOLD_RE = re.compile(r"(?i)(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])|\\(?:pm|mp)(?![A-Za-z])|[±∓]")
+
+# numeric expressions a numeric gold may be compared with through math-verify
+_CLOSED_CMD_RE = re.compile(r"\\(?:[dt]?frac|sqrt|times|cdot|div|left|right|pi)(?![A-Za-z])"
+                            r"|\\[!,;: %]")
+_CLOSED_CHARS_RE = re.compile(r"[0-9\s+\-*/^(){}.!%×÷·−]*")
+
+_MULTIPLIER_AFTER_RE = re.compile(r"[ \t]+(?:hundred|thousand|million|billion|trillion|dozen)s?"
+                                  r"(?![A-Za-z])", re.IGNORECASE)
 _UNIT_STOPWORDS = frozenset({
     "and", "or", "to", "plus", "minus", "times", "over", "divided", "by", "not", "nor",
     "versus", "vs", "but", "than", "sqrt", "pi", "i", "x", "y", "n", "k", "e", "of",
@@ -210,6 +326,43 @@ _COMPACT_UNITS = frozenset({
     "st", "nd", "rd", "th", "am", "pm", "kb", "mb", "gb", "tb", "w", "kw", "v", "hz", "khz",
 })
 _PERCENT_WORDS = frozenset({"percent", "pct", "per cent"})
+_MULTIPLIERS = {"hundred": 100, "hundreds": 100, "thousand": 10**3, "thousands": 10**3,
+                "million": 10**6, "millions": 10**6, "billion": 10**9, "billions": 10**9,
+                "trillion": 10**12, "trillions": 10**12, "dozen": 12, "dozens": 12}
+
+
+def _unit_table() -> dict[str, str]:
+    groups = {
+        "mm": "mm millimeter millimeters millimetre millimetres",
+        "cm": "cm centimeter centimeters centimetre centimetres",
+        "m": "m meter meters metre metres",
+        "km": "km kilometer kilometers kilometre kilometres",
+        "in": "in inch inches",
+        "ft": "ft foot feet",
+        "yd": "yd yard yards",
+        "mi": "mi mile miles",
+        "mg": "mg milligram milligrams",
+        "g": "g gram grams",
+        "kg": "kg kilogram kilograms",
+        "lb": "lb lbs pound pounds",
+        "oz": "oz ounce ounces",
+        "ml": "ml milliliter milliliters millilitre millilitres",
+        "l": "l liter liters litre litres",
+        "s": "s sec secs second seconds",
+        "min": "min mins minute minutes",
+        "h": "h hr hrs hour hours",
+        "day": "day days",
+        "week": "week weeks",
+        "month": "month months",
+        "year": "year years",
+        "cent": "cent cents",
+        "dollar": "dollar dollars",
+        "mph": "mph",
+    }
+    return {w: canon for canon, words in groups.items() for w in words.split()}
+
+
+_UNITS = _unit_table()
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -219,6 +372,8 @@ _PERCENT_WORDS = frozenset({"percent", "pct", "per cent"})
 class _Num:
     value: Fraction
     pct: bool
+    unit: str | None = None  # canonical unit when known (``"cm"``, ``"h"``), else None
+    decimals: int = 0  # digits after the decimal point as written (0: not a plain decimal)
 
 
 @dataclass(frozen=True)
@@ -227,10 +382,24 @@ class _Answer:
     norm: str
     start: int
     end: int
+    lhs: str | None = None  # normalised left side of a dropped ``var = `` prefix
+
+
+@dataclass(frozen=True)
+class _Gold:
+    answer: _Answer
+    text: str  # the gold answer as compared symbolically (the `=`-reduced part)
+    multi: bool  # several values (top-level comma, "or", \pm): hedge rules do not apply
+
+
+def _short_frac(m: re.Match) -> str:
+    num, den = [g for g in m.groups() if g is not None]
+    return f" ({num})/({den}) "
 
 
 def _clean_latex(s: str) -> str:
     s = s.replace("\u2212", "-")
+    s = _THOUSANDS_LATEX_RE.sub(",", s)  # 32,\! 349
     s = _DFRAC_RE.sub(r"\\frac", s)
     s = _LEFTRIGHT_RE.sub("", s)
     s = s.replace("\\%", "%").replace("\\$", "").replace("$", "")
@@ -242,8 +411,9 @@ def _clean_latex(s: str) -> str:
             break
         s = new
     s = _DEGREE_RE.sub(" ", s)
+    s = _MOD_RE.sub(" ", s)
     for _ in range(8):
-        new = _FRAC_SHORT_RE.sub(r" (\1)/(\2) ", _FRAC_RE.sub(r" (\1)/(\2) ", s))
+        new = _FRAC_SHORT_RE.sub(_short_frac, _FRAC_RE.sub(r" (\1)/(\2) ", s))
         if new == s:
             break
         s = new
@@ -274,6 +444,37 @@ def _valid_unit(unit: str, spaced: bool) -> bool:
     return True
 
 
+_SMALL_NUMBERS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate(
+    "twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_NUMBER_WORDS_RE = re.compile(r"[A-Za-z][A-Za-z -]{0,79}")
+
+
+def _words_to_int(s: str) -> int | None:
+    """``"forty-two"`` -> 42, ``"one hundred and five"`` -> 105; ``None`` if ``s`` is not
+    only number words."""
+    total = current = 0
+    seen = False
+    for w in re.split(r"[\s-]+", s.lower().strip()):
+        if w in _SMALL_NUMBERS:
+            current += _SMALL_NUMBERS[w]
+        elif w in _TENS:
+            current += _TENS[w]
+        elif w == "hundred" and seen:
+            current *= 100
+        elif w in ("thousand", "million", "billion") and seen:
+            total += current * _MULTIPLIERS[w]
+            current = 0
+        elif w == "and" and seen:
+            continue
+        else:
+            return None
+        seen = True
+    return total + current if seen else None
+
+
 def _to_fraction(num: str) -> Fraction | None:
     digits = num.replace(",", "").rstrip(".")
     if not digits or len(digits) > MAX_DIGITS:
@@ -282,7 +483,8 @@ def _to_fraction(num: str) -> Fraction | None:
 
 
 def _parse_number(raw: str) -> _Num | None:
-    """Parse ``raw`` as one number (with optional %, unit words); ``None`` if it is not."""
+    """Parse ``raw`` as one number (with optional %, multiplier and unit words); ``None``
+    if it is not."""
     if len(raw) > 4 * MAX_NUMBER_CHARS:
         return None
     s = _UNIT_POWER_RE.sub("", _clean_latex(raw)).replace("{", "").replace("}", "")
@@ -296,15 +498,24 @@ def _parse_number(raw: str) -> _Num | None:
         return None
     m = _NUMBER_FULL_RE.fullmatch(s)
     if m is None:
-        return None
+        words = _words_to_int(s) if _NUMBER_WORDS_RE.fullmatch(s) else None
+        return None if words is None else _Num(Fraction(words), False)
     pct = m.group("pct") is not None
+    scale, unit_key = 1, None
     unit = m.group("unit")
+    if unit is not None:
+        words = unit.split()
+        if words and words[0].lower() in _MULTIPLIERS and m.group("usp"):
+            scale = _MULTIPLIERS[words[0].lower()]
+            unit = " ".join(words[1:]) or None
     if unit is not None:
         u = unit.strip().lower()
         if u in _PERCENT_WORDS and not pct:
             pct = True
-        elif not _valid_unit(unit, spaced=bool(m.group("usp"))):
+        elif not _valid_unit(unit, spaced=bool(m.group("usp")) or scale != 1):
             return None
+        else:
+            unit_key = _UNITS.get(u.rstrip(". "))
     value = _to_fraction(m.group("num"))
     if value is None:
         return None
@@ -318,31 +529,82 @@ def _parse_number(raw: str) -> _Num | None:
         if den is None or den == 0:
             return None
         value /= -den if m.group("dsign") == "-" else den
-    return _Num(value, pct)
+    num = m.group("num")
+    decimals = len(num.split(".")[1]) if "." in num and exp is None and \
+        m.group("den") is None and scale == 1 else 0
+    return _Num(value * scale, pct, unit_key, decimals)
 
 
 def _numbers_equal(a: _Num, b: _Num) -> bool:
+    if a.unit is not None and b.unit is not None and a.unit != b.unit:
+        return False
     if a.pct == b.pct:
         return a.value == b.value
     p, x = (a, b) if a.pct else (b, a)
     return x.value == p.value or x.value == p.value / 100
 
 
-def _answers_equal(gold: _Answer, ans: _Answer) -> bool:
-    if gold.norm == ans.norm and gold.norm:
-        return True
+def _approximates(gold: _Num, ans: _Num) -> bool:
+    """``ans`` is a decimal with at least 4 places that rounds or truncates a gold with no
+    finite decimal expansion (``0.0833`` for ``1/12``, ``0.6667`` for ``2/3``)."""
+    if ans.decimals < 4 or gold.pct or ans.pct or (
+            gold.unit is not None and ans.unit is not None and gold.unit != ans.unit):
+        return False
+    den = gold.value.denominator
+    for p in (2, 5):
+        while den % p == 0:
+            den //= p
+    return den != 1 and abs(gold.value - ans.value) < Fraction(1, 10 ** ans.decimals)
+
+
+def _fast_equal(gold: _Answer, ans: _Answer) -> bool | None:
+    """``True``/``False`` when decided without sympy, ``None`` when undecided."""
+    if gold.lhs is not None and ans.lhs is not None and gold.lhs != ans.lhs:
+        return False
     if gold.number is not None and ans.number is not None:
-        return _numbers_equal(gold.number, ans.number)
+        return _numbers_equal(gold.number, ans.number) or _approximates(gold.number, ans.number)
+    if gold.norm and gold.norm == ans.norm:
+        return True
+    return None
+
+
+def _top_level_separator(text: str) -> bool:
+    """A ``,`` or ``;`` outside any bracket (``1, 2`` but not ``(1, 2)`` or ``[1, 2)``)."""
+    depth = 0
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(0, depth - 1)
+        elif c in ",;" and depth == 0:
+            return True
     return False
+
+
+def _closed_numeric(text: str) -> bool:
+    """A numeric expression without variables (``2+40``, ``1\\frac{1}{2}``, ``10^6``)."""
+    if len(text) > MAX_NUMBER_CHARS or not re.search(r"[0-9]", text):
+        return False
+    s = _DELIM_RE.sub(" ", text.replace("$", " "))
+    s = _CLOSED_CMD_RE.sub(" ", s)
+    return _CLOSED_CHARS_RE.fullmatch(s) is not None
+
+
+def _math_text(text: str) -> str:
+    """The mathematical part of an answer segment for math-verify: the contents of its math
+    environments if it has any (joined by commas), else the segment itself."""
+    contents = [text[s:e].strip() for s, e in _math_envs(text)]
+    contents = [c for c in contents if c]
+    return ", ".join(contents) if contents else text.strip()
 
 
 # ----------------------------------------------------------------------------- extraction
 
 
-def _trim(text: str, s: int, e: int) -> tuple[int, int]:
+def _trim(text: str, s: int, e: int, punct: str = "*.!,;:") -> tuple[int, int]:
     while s < e and (text[s].isspace() or text[s] == "*"):
         s += 1
-    while e > s and (text[e - 1].isspace() or text[e - 1] in "*.!,;:"):
+    while e > s and (text[e - 1].isspace() or text[e - 1] in punct):
         e -= 1
     return s, e
 
@@ -359,19 +621,30 @@ def _match_braces(text: str) -> dict[int, int]:
     return pairs
 
 
-def _find_boxed(text: str) -> tuple[str, int, int] | None:
+def _boxes(text: str) -> list[tuple[int, int, int, int]]:
+    """Complete boxes with non-empty content: ``(command_start, content_start, content_end,
+    closing_brace)`` in order of their command's position."""
     matches = list(_BOXED_RE.finditer(text))
     if not matches:
-        return None
+        return []
     pairs = _match_braces(text)
-    for m in reversed(matches):
+    out = []
+    for m in matches:
         close = pairs.get(m.end() - 1)
         if close is None:
             continue
-        s, e = _trim(text, m.end(), close)
+        s, e = _trim(text, m.end(), close, "*.,;:")  # "!" in a box is a factorial
         if s < e:
-            return ("boxed", s, e)
-    return None
+            out.append((m.start(), s, e, close))
+    return out
+
+
+def _find_boxed(text: str) -> tuple[str, int, int] | None:
+    boxes = _boxes(text)
+    if not boxes:
+        return None
+    _, s, e, _ = boxes[-1]
+    return ("boxed", s, e)
 
 
 def _segment_after(text: str, pos: int, method: str) -> tuple[str, int, int] | None:
@@ -398,18 +671,134 @@ def _find_answer_marker(text: str) -> tuple[str, int, int] | None:
     return None if last is None else _segment_after(text, last.end(), "answer")
 
 
+def _is_operand(text: str, j: int) -> bool:
+    """Whether ``text[:j]`` ends with an operand (digit, closing bracket, one-letter
+    variable), so that a ``-``/``+`` at ``j`` is a binary operator."""
+    c = text[j - 1]
+    if c.isdigit() or c in ")}]":
+        return True
+    if c.isalpha():
+        k = j - 1
+        while k > 0 and text[k - 1].isalpha():
+            k -= 1
+        return j - k == 1 and c not in "aAI"
+    return False
+
+
+def _is_bullet(text: str, i: int) -> bool:
+    """Whether the ``-``/``+`` at ``i`` starts its line (a list bullet)."""
+    k = i
+    while k > 0 and text[k - 1] in " \t":
+        k -= 1
+    return k == 0 or text[k - 1] == "\n"
+
+
+def _standalone(text: str, s: int, e: int) -> bool:
+    """Whether the number ``text[s:e]`` stands on its own: not glued to letters, not inside
+    braces or an exponent, not an operand of an arithmetic operator."""
+    j = s
+    while j > 0 and text[j - 1] in " \t":
+        j -= 1
+    before = text[j - 1] if j > 0 else ""
+    if before and text[s] in "+-" and _is_operand(text, j):
+        return False  # "5 -3": a binary minus, not a sign
+    if before == "*" and text[j - 2:j - 1] == "*":
+        before = "**"  # markdown bold, not a product
+    if before and before in "{^_*/×÷·":
+        return False
+    words = _WORD_BEFORE_RE.search(text[max(0, j - 30):j])
+    if words is not None and (words.group(2).lower() in _WORD_OPERATORS or (
+            (words.group(1) or "") + words.group(2)).lower() in _WORD_OPERATORS):
+        return False  # "3 times 4", "12 divided by 4"
+    if before and before in "+-" and not _is_bullet(text, j - 1):
+        return False
+    if text.endswith(("\\times", "\\cdot", "\\div"), 0, j):
+        return False
+    if e < len(text):
+        nxt = text[e]
+        if nxt.isdigit() or nxt in "{}^_":
+            return False
+        if nxt.isalpha():
+            m = re.match(r"[A-Za-z]+", text[e:e + 12])
+            if m.group(0).lower() not in _COMPACT_UNITS:
+                return False
+        if nxt == "\\" and not _GLUED_CMD_RE.match(text, e):
+            return False
+        rest = text[e:e + 12].lstrip(" \t")
+        if rest.startswith("**"):
+            rest = ""
+        if rest[:1] in ("+", "*", "/", "×", "÷", "·", "^", "=") or (
+                rest[:1] == "-" and rest[1:].lstrip()[:1].isdigit()) or _OPERATOR_CMD_RE.match(rest):
+            return False
+    return True
+
+
 def _find_last_number(text: str) -> tuple[str, int, int] | None:
+    """The last number of the text if it stands on its own; an earlier number is never
+    used instead (the text went on after it)."""
     last = None
     for last in _LAST_NUM_RE.finditer(text):
         pass
-    return None if last is None else ("last_number", last.start(), last.end())
+    if last is None:
+        return None
+    s, e = last.start(), last.end()
+    mult = _MULTIPLIER_AFTER_RE.match(text, e)
+    if mult is not None:  # "2.5 million" is one number
+        if _standalone(text, s, mult.start()):
+            return ("last_number", s, mult.end())
+        s += text[s] in "+-"
+        return ("last_number", s, mult.end()) if _standalone(text, s, mult.start()) else None
+    if _standalone(text, s, e):
+        return ("last_number", s, e)
+    if text[s] in "+-" and _standalone(text, s + 1, e):
+        return ("last_number", s + 1, e)
+    return None
 
 
-_FINDERS = (_find_boxed, _find_hash, _find_answer_marker, _find_last_number)
+def _math_envs(text: str) -> list[tuple[int, int]]:
+    """Content spans of the math environments ``$$..$$``, ``$..$``, ``\\(..\\)``,
+    ``\\[..\\]`` (``$`` paired left to right; an unpaired last ``$`` opens nothing)."""
+    spans = []
+    opened: tuple[int, str] | None = None
+    for m in _UNESCAPED_DOLLAR_RE.finditer(text):
+        if opened is None:
+            opened = (m.end(), m.group(0))
+        elif m.group(0) == opened[1] or len(m.group(0)) > len(opened[1]):
+            spans.append((opened[0], m.start()))
+            opened = None
+    for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
+        pos = 0
+        while True:
+            i = text.find(left, pos)
+            if i == -1:
+                break
+            j = text.find(right, i + 2)
+            if j == -1:
+                break
+            spans.append((i + 2, j))
+            pos = j + 2
+    return sorted(spans)
 
 
-def _locate(text: str, deadline: _Deadline) -> tuple[str, int, int] | None:
-    for finder in _FINDERS:
+def _find_last(text: str) -> tuple[str, int, int] | None:
+    """Lenient fallback: the last standalone number, or the last math environment if it
+    ends later (``$x = \\frac{1+\\sqrt{5}}{2}$``)."""
+    number = _find_last_number(text)
+    envs = [(s, e) for s, e in _math_envs(text) if text[s:e].strip()]
+    if envs:
+        s, e = _trim(text, *envs[-1])
+        if s < e and (number is None or e >= number[2]):
+            return ("last_math", s, e)
+    return number
+
+
+_MARKER_FINDERS = {"boxed": _find_boxed, "hash": _find_hash, "answer": _find_answer_marker}
+_FINDERS = (_find_boxed, _find_hash, _find_answer_marker, _find_last)
+ALL_MARKERS = ("boxed", "hash", "answer")
+
+
+def _locate(text: str, deadline: _Deadline, finders=_FINDERS) -> tuple[str, int, int] | None:
+    for finder in finders:
         deadline.check()
         found = finder(text)
         if found is not None:
@@ -417,11 +806,13 @@ def _locate(text: str, deadline: _Deadline) -> tuple[str, int, int] | None:
     return None
 
 
-def _make_answer(text: str, s: int, e: int, number: _Num | None) -> _Answer:
-    return _Answer(number, _normalise_string(text[s:e]), s, e)
+def _make_answer(text: str, s: int, e: int, number: _Num | None,
+                 lhs: str | None = None) -> _Answer:
+    return _Answer(number, _normalise_string(text[s:e]), s, e, lhs)
 
 
-def _interpret(text: str, s: int, e: int, *, prose: bool, deadline: _Deadline) -> _Answer:
+def _interpret(text: str, s: int, e: int, *, prose: bool, gold: bool,
+               deadline: _Deadline, depth: int = 0) -> _Answer:
     """Turn the located segment ``text[s:e]`` into an answer (number or string) and its span."""
     seg = text[s:e]
     num = _parse_number(seg)
@@ -430,19 +821,134 @@ def _interpret(text: str, s: int, e: int, *, prose: bool, deadline: _Deadline) -
     deadline.check()
     if prose:
         m = _LEAD_NUM_RE.match(seg)
-        if m is not None and m.group("word").lower() not in _UNIT_STOPWORDS:
-            num = _parse_number(m.group("tok"))
-            if num is not None:
-                ts, te = _trim(text, s + m.start("tok"), s + m.end("tok"))
-                return _make_answer(text, ts, te, num)
-    eq = seg.rfind("=")
-    if eq > 0 and seg[eq - 1] not in "<>!\\":
-        rs, re_ = _trim(text, s + eq + 1, e)
+        if m is not None:
+            word = (m.group("word") or "").lower()
+            if m.group("paren"):  # "9 (not 6 as I said)"
+                num = _parse_number(m.group("tok"))
+                if num is not None:
+                    ts, te = _trim(text, s + m.start("tok"), s + m.end("tok"))
+                    return _make_answer(text, ts, te, num)
+            elif word in _MULTIPLIERS:
+                num = _parse_number(m.group("tok") + " " + word)
+                if num is not None:
+                    ts, te = _trim(text, s + m.start("tok"), s + m.end("word"))
+                    return _make_answer(text, ts, te, num)
+            elif word not in _UNIT_STOPWORDS:
+                num = _parse_number(m.group("tok"))
+                if num is not None:
+                    ts, te = _trim(text, s + m.start("tok"), s + m.end("tok"))
+                    return _make_answer(text, ts, te, num)
+    approx = _APPROX_RE.search(seg) if depth < 4 else None
+    if approx is not None:  # "x \approx 11" -> 11; "1/3 \approx 0.33" -> 1/3 (the exact value)
+        left = _strip_delims(seg[:approx.start()])
+        if not left.strip() or _VAR_LHS_RE.fullmatch(left):
+            ts, te = _trim(text, s + approx.end(), e)
+        else:
+            ts, te = _trim(text, s, s + approx.start())
+        if ts < te:
+            return _interpret(text, ts, te, prose=prose, gold=gold, deadline=deadline,
+                              depth=depth + 1)
+    eqs = _equals_signs(seg)
+    if eqs and not _top_level_separator(_strip_delims(seg)) \
+            and not _MULTI_GOLD_RE.search(seg):  # "x = 5", "z = 1 + 1 = 2"; not lists
+        rs, re_ = _trim(text, s + eqs[-1] + 1, e)
+        while rs < re_ and text[re_ - 1] == "$" and text.count("$", rs, re_) % 2:
+            re_ -= 1  # "$x = 5$": the closing $ belongs to the left side's opening one
         if rs < re_:
+            first = _strip_delims(seg[:eqs[0]])
             num = _parse_number(text[rs:re_])
-            if num is not None or _VAR_LHS_RE.fullmatch(seg[:eq]):
+            if _VAR_LHS_RE.fullmatch(first):
+                return _make_answer(text, rs, re_, num, _normalise_string(first))
+            sides = [_strip_delims(seg[a + 1:b]) for a, b in zip([-1, *eqs[:-1]], eqs)]
+            if not gold and num is not None and all(
+                    _EXPR_LHS_RE.fullmatch(p) and not _HEDGE_RE.search(p) and "," not in p
+                    and not _has_variable(p) for p in sides):
                 return _make_answer(text, rs, re_, num)
+    if prose and not _BOUND_RE.search(seg) and len(_DIGIT_RUN_RE.findall(seg)) == 1:
+        found = _find_last_number(seg)  # "The volume of $ABCD$ is 120": its one number
+        if found is not None:
+            num = _parse_number(seg[found[1]:found[2]])
+            if num is not None:
+                return _make_answer(text, s + found[1], s + found[2], num)
     return _make_answer(text, s, e, None)
+
+
+def _strip_delims(text: str) -> str:
+    return _DELIM_RE.sub("", text).replace("$", "")
+
+
+def _equals_signs(text: str) -> list[int]:
+    """Positions of the ``=`` outside brackets and not part of ``<=``, ``>=``, ``!=``, ``\\=``
+    (``\\sum_{k=0}`` has none)."""
+    out, depth = [], 0
+    for i, c in enumerate(text):
+        if c in "{([":
+            depth += 1
+        elif c in "})]":
+            depth = max(0, depth - 1)
+        elif c == "=" and depth == 0 and i > 0 and text[i - 1] not in "<>!\\":
+            out.append(i)
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at its top-level ``,``/``;`` and ``and``/``\\text{ and }``."""
+    text = _SPACING_RE.sub(" ", _QUAD_RE.sub(" ", _LIST_AND_RE.sub(",", text)))
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "{([":
+            depth += 1
+        elif c in "})]":
+            depth = max(0, depth - 1)
+        elif c in ",;" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _assignments(text: str) -> list[tuple[str, str]] | None:
+    """``AB = 4, CD = 5`` -> ``[("ab", "4"), ("cd", "5")]``: two or more assignments to
+    distinct labels; ``None`` otherwise."""
+    parts = _split_top_level(_strip_delims(text))
+    if len(parts) < 2:
+        return None
+    out = []
+    for part in parts:
+        eqs = _equals_signs(part)
+        if len(eqs) != 1:
+            return None
+        lhs, rhs = part[:eqs[0]].strip(), part[eqs[0] + 1:].strip()
+        if not lhs or not rhs or _ALGEBRA_LHS_RE.search(_SUBSCRIPT_RE.sub("", lhs)):
+            return None
+        out.append((_normalise_string(lhs), rhs))
+    return out if len({k for k, _ in out}) == len(out) else None
+
+
+def _algebraic_equation(text: str) -> bool:
+    """An equation whose left side is algebra (``2x + z = 1``, ``x^2+y^2=25``), not a
+    label (``AB = 4``, ``V_1:V_2 = 11:21``) or a variable (``x = 5``)."""
+    eqs = _equals_signs(text)
+    if not eqs:
+        return False
+    lhs = _SUBSCRIPT_RE.sub("", _strip_delims(text[:eqs[0]]))
+    return _ALGEBRA_LHS_RE.search(lhs) is not None
+
+
+def _has_variable(expr: str) -> bool:
+    """Whether ``expr`` has a one-letter variable next to a digit, an operator or its end
+    (``2x + z``; not the article in ``cost for a week``)."""
+    for m in _SINGLE_LETTER_RE.finditer(expr):
+        before = expr[:m.start()].rstrip()[-1:]
+        after = expr[m.end():].lstrip()[:1]
+        if not before or not after or before in _ALGEBRA_CHARS or after in _ALGEBRA_CHARS:
+            return True
+    return False
+
+
+def _is_equation(text: str) -> bool:
+    """A top-level ``=`` (see :func:`_equals_signs`)."""
+    return bool(_equals_signs(text))
 
 
 def _window(text: str) -> tuple[str, int]:
@@ -451,16 +957,19 @@ def _window(text: str) -> tuple[str, int]:
 
 
 def _coerce_response(response: Any) -> str:
+    """The response as text, cut at the first chat special token (``<|im_end|>``,
+    ``<|im_start|>``, ``<|endoftext|>``...): what follows is not the response."""
     if response is None:
         return ""
     if isinstance(response, str):
-        return response
+        special = _SPECIAL_TOKEN_RE.search(response)
+        return response if special is None else response[:special.start()]
     if isinstance(response, (bytes, bytearray)):
-        return bytes(response).decode("utf-8", errors="replace")
+        return _coerce_response(bytes(response).decode("utf-8", errors="replace"))
     raise TypeError(f"response must be a str, got {type(response).__name__}")
 
 
-def _gold_answer(gold: Any, deadline: _Deadline) -> _Answer:
+def _gold_answer(gold: Any, deadline: _Deadline) -> _Gold:
     if gold is None:
         raise ValueError("gold answer is None")
     if isinstance(gold, (int, float, Fraction)) and not isinstance(gold, bool):
@@ -470,25 +979,112 @@ def _gold_answer(gold: Any, deadline: _Deadline) -> _Answer:
     text, _ = _window(gold)
     has_box = "\\boxed" in text or "\\fbox" in text
     if has_box or "####" in text:
-        found = (_find_boxed(text) if has_box else None) or _find_hash(text)
-        if found is None:
-            raise ValueError("gold answer has a \\boxed{} / #### marker but no answer in it")
-        _, s, e = found
+        group = _box_group(text) if has_box else []
+        if len(group) > 1:  # "\boxed{1}\boxed{2}": one list of answers
+            text = ", ".join(text[a:b] for a, b in group)
+            s, e = 0, len(text)
+        else:
+            found = (_find_boxed(text) if has_box else None) or _find_hash(text)
+            if found is None:
+                raise ValueError("gold answer has a \\boxed{} / #### marker but no answer in it")
+            _, s, e = found
     else:
         s, e = _trim(text, 0, len(text))
+        if e - s > 80 or "\n" in text[s:e]:  # a whole solution: its "answer is" / "Answer:"
+            found = _find_answer_marker(text)
+            if found is not None:
+                _, s, e = found
     if s >= e:
         raise ValueError("gold answer is empty")
-    ans = _interpret(text, s, e, prose=False, deadline=deadline)
+    ans = _interpret(text, s, e, prose=False, gold=True, deadline=deadline)
     if ans.number is None and not ans.norm:
         raise ValueError("gold answer is empty after normalisation")
-    return ans
+    reduced = text[ans.start:ans.end]
+    grouped = _clean_latex(reduced).replace("\\{", "(").replace("\\}", ")")
+    multi = ans.number is None and (
+        _top_level_separator(grouped.replace("{", "").replace("}", ""))
+        or _MULTI_GOLD_RE.search(reduced) is not None)
+    return _Gold(ans, _math_text(reduced), multi)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _box_group(text: str) -> list[tuple[int, int]]:
+    """Content spans of the last boxed answer and of the boxed answers right before it that
+    are joined to it only by connectors (``,``, ``and``, ``or``, ``$``...): one list of
+    final answers. A box enclosing the last one is not part of it."""
+    boxes = _boxes(text)
+    if len(boxes) < 2:
+        return [boxes[-1][1:3]] if boxes else []
+    cmd, s, e, close = boxes[-1]
+    group = [(s, e)]
+    for _ in range(8):
+        prev = [b for b in boxes if b[3] < cmd]
+        if not prev:
+            break
+        pcmd, ps, pe, pclose = max(prev, key=lambda b: b[3])
+        between = text[pclose + 1:cmd]
+        if len(between) > 60 or _CONNECTOR_RE.fullmatch(between) is None:
+            break
+        group.insert(0, (ps, pe))
+        cmd = pcmd
+    return group
+
+
+def _answer_end(text: str, method: str, e: int) -> int:
+    """Where the answer's marker ends: after the closing brace of a box, else ``e``."""
+    if method == "boxed":
+        close = text.find("}", e)
+        return len(text) if close == -1 else close + 1
+    return e
+
+
+def _hedged(text: str, method: str, s: int, e: int) -> bool:
+    """An alternative answer inside the segment, right after it on its line, or a hedge
+    word right before it."""
+    if _HEDGE_RE.search(text, s, e):
+        return True
+    end = _answer_end(text, method, e)
+    line_end = text.find("\n", end)
+    tail = text[end:min(len(text) if line_end == -1 else line_end, end + 120)]
+    if _HEDGE_AFTER_RE.search(tail):
+        return True
+    if method != "boxed":
+        return False
+    line_start = text.rfind("\n", 0, s) + 1
+    return _HEDGE_BEFORE_RE.search(text[max(line_start, s - 60):s]) is not None
+
+
+_TERMINAL = ".!?)]}$*\"'`”’"
+
+
+def _truncated(text: str, method: str, e: int) -> str | None:
+    """Why the response looks cut off after its marked answer (feedback), or ``None``."""
+    end = _answer_end(text, method, e)
+    tail = text[end:]
+    if _BOXED_RE.search(tail) or tail.count("\\[") > tail.count("\\]") \
+            or tail.count("\\(") > tail.count("\\)"):
+        return FEEDBACK_OPEN_BOX if _BOXED_RE.search(tail) else FEEDBACK_TRUNCATED
+    stripped = tail.strip()
+    if not stripped or stripped[-1] in _TERMINAL:
+        return None
+    if "\n" not in stripped and len(stripped.split()) <= 3 and not re.search(r"[0-9=]", stripped):
+        return None  # "\boxed{12} apples"
+    return FEEDBACK_TRUNCATED
+
+
+def is_numeric_gold(gold: Any) -> bool:
+    """Whether ``gold`` (after ``\\boxed{}`` / ``####`` reduction) is a single number, i.e.
+    goes to the fast numeric path; raises like :func:`verify_math` for a bad gold."""
+    return _gold_answer(gold, _Deadline(None)).answer.number is not None
 
 
 def extract_answer(response: str | None) -> tuple[str, tuple[int, int], str] | None:
     """The final answer located in ``response``: ``(text, (start, end), method)`` or ``None``.
 
     This is the raw located segment (before the prose / ``=`` refinement that
-    :func:`verify_math` applies).
+    :func:`verify_math` applies), found as in lenient mode.
     """
     text = _coerce_response(response)
     window, offset = _window(text)
@@ -506,9 +1102,17 @@ def _short(text: str) -> str:
     return text
 
 
-def _timeout_result(timeout_s: float | None) -> VerifierResult:
-    return VerifierResult(0.0, False, None, None, FEEDBACK_TIMEOUT,
-                          error=f"timeout: verification exceeded {timeout_s} s")
+def _timeout_result(timeout_s: float | None, extracted: str | None = None,
+                    span: tuple[int, int] | None = None,
+                    method: str | None = None) -> VerifierResult:
+    return VerifierResult(0.0, False, extracted, span, FEEDBACK_TIMEOUT,
+                          error=f"timeout: verification exceeded {timeout_s} s", method=method)
+
+
+def warm_up() -> float:
+    """Import math-verify (and sympy) now instead of on the first symbolic answer; returns
+    the seconds it took. Optional: the import is never charged to a verifier's deadline."""
+    return symbolic.load()
 
 
 # ----------------------------------------------------------------------------- registry
@@ -550,40 +1154,166 @@ def get_reward_fn(name: str) -> RewardFn:
 # ----------------------------------------------------------------------------- rewards
 
 
-@register_reward("math")
-def verify_math(response: str | None, gold: Any, *, timeout_s: float | None = 1.0) -> VerifierResult:
-    """Check the final answer in ``response`` against ``gold`` (see the module docstring).
+def _values_equal(gold: str, answer: str, deadline: _Deadline) -> bool:
+    """One value of a list: the fast path, else math-verify (may raise SymbolicTimeout)."""
+    g = _interpret(gold, 0, len(gold), prose=False, gold=True, deadline=deadline)
+    a = _interpret(answer, 0, len(answer), prose=False, gold=False, deadline=deadline)
+    verdict = _fast_equal(g, a)
+    if verdict is not None:
+        return verdict
+    return symbolic.symbolic_equal(gold, answer, timeout_s=deadline.remaining())
 
-    Never raises because of the response content; raises ``ValueError``/``TypeError`` for
-    an empty/None/ill-typed gold or a negative ``timeout_s``. ``timeout_s=None`` disables
-    the deadline.
-    """
+
+def _wrong_feedback(gold: _Gold, ans: _Answer, extracted: str, evaluated: bool = False) -> str:
+    if gold.answer.number is not None and ans.number is None and not evaluated:
+        return f"expected a number, got '{_short(extracted)}'"
+    if gold.answer.number is not None:
+        return f"wrong value: got {_short(extracted)}"
+    return f"wrong answer: got '{_short(extracted)}'"
+
+
+def _verify(response: Any, gold: Any, *, timeout_s: float | None, strict: bool,
+            markers: tuple[str, ...] = ALL_MARKERS,
+            numeric_gold: bool = False) -> VerifierResult:
     deadline = _Deadline(timeout_s)
     text = _coerce_response(response)
     try:
-        gold_ans = _gold_answer(gold, deadline)
+        g = _gold_answer(gold, deadline)
+        if numeric_gold and g.answer.number is None:
+            raise ValueError("gold answer is not a number (this reward expects numeric golds)")
         deadline.check()
         window, offset = _window(text)
-        found = _locate(window, deadline)
+        finders = tuple(_MARKER_FINDERS[m] for m in markers) if strict else _FINDERS
+        found = _locate(window, deadline, finders)
         if found is None:
+            if strict:
+                wanted = " or ".join(_MARKER_TEXT[m] for m in markers)
+                return VerifierResult(0.0, False, None, None, f"no final-answer marker ({wanted})")
             return VerifierResult(0.0, False, None, None, FEEDBACK_NO_ANSWER)
         method, s, e = found
-        ans = _interpret(window, s, e, prose=method in ("hash", "answer"), deadline=deadline)
+        group = _box_group(window) if method == "boxed" else []
+        if len(group) > 1 and len({_normalise_string(window[a:b]) for a, b in group}) > 1:
+            s, e = group[0][0], group[-1][1]
+            ans = _make_answer(window, s, e, None)
+        else:
+            group = []
+            ans = _interpret(window, s, e, prose=method in ("hash", "answer"), gold=False,
+                             deadline=deadline)
         deadline.check()
     except _VerifierTimeout:
         return _timeout_result(timeout_s)
 
     extracted = window[ans.start:ans.end]
     span = (offset + ans.start, offset + ans.end)
-    if _answers_equal(gold_ans, ans):
-        return VerifierResult(1.0, True, extracted, span, FEEDBACK_CORRECT, method=method)
-    if gold_ans.number is not None and ans.number is None:
-        feedback = f"expected a number, got '{_short(extracted)}'"
-    elif gold_ans.number is not None:
-        feedback = f"wrong value: got {_short(extracted)}"
-    else:
-        feedback = f"wrong answer: got '{_short(extracted)}'"
-    return VerifierResult(0.0, False, extracted, span, feedback, method=method)
+
+    def result(ok: bool, feedback: str) -> VerifierResult:
+        return VerifierResult(float(ok), ok, extracted, span, feedback, method=method)
+
+    if strict or method in ("last_number", "last_math"):
+        # strict: no truncated response; lenient: an unmarked number followed by an
+        # unfinished sentence is not a final answer either
+        why = _truncated(window, method, group[-1][1] if group else
+                         e if method == "boxed" else ans.end)
+        if why is not None:
+            return result(False, why)
+    if not g.multi and (group or _hedged(window, method, s, e)):
+        return result(False, f"more than one final answer: '{_short(window[s:e])}'")
+
+    equation_gold = g.answer.lhs is None and _algebraic_equation(g.text)
+    verdict = None if group else _fast_equal(g.answer, ans)
+    if verdict is None and equation_gold and not _is_equation(window[s:e]):
+        verdict = False  # "2x + z = 1" is not answered by "1"
+    if verdict is not None:
+        return result(verdict, FEEDBACK_CORRECT if verdict else _wrong_feedback(g, ans, extracted))
+    if g.answer.number is not None and (method == "last_number"
+                                        or not _closed_numeric(extracted)):
+        return result(False, _wrong_feedback(g, ans, extracted))
+
+    try:  # math-verify, bounded by what is left of the deadline (its import is free)
+        deadline.extend(symbolic.load())
+        gold_pairs = _assignments(g.text)
+        if gold_pairs is not None:  # "AB = 4, CD = 5": by label, or in order if unlabelled
+            located = ", ".join(window[a:b] for a, b in group) if group \
+                else _math_text(window[s:e])
+            ans_pairs = _assignments(located)
+            if ans_pairs is not None:
+                ans_values = dict(ans_pairs)
+                pairs = [(v, ans_values.get(k)) for k, v in gold_pairs]
+            else:
+                values = _split_top_level(located)
+                ok_shape = len(values) == len(gold_pairs) and not any(map(_is_equation, values))
+                pairs = list(zip([v for _, v in gold_pairs], values)) if ok_shape else [("", None)]
+            ok = all(a is not None and _values_equal(gv, a, deadline) for gv, a in pairs)
+        else:
+            answer_text = (", ".join(window[a:b] for a, b in group) if group
+                           else _math_text(window[s:e] if equation_gold else extracted))
+            ok = symbolic.symbolic_equal(g.text, answer_text, timeout_s=deadline.remaining())
+    except (symbolic.SymbolicTimeout, _VerifierTimeout):
+        return _timeout_result(timeout_s, extracted, span, method)
+    except ImportError as exc:
+        return VerifierResult(0.0, False, extracted, span, FEEDBACK_ERROR,
+                              error=_truncate(f"math-verify is not installed: {exc}"),
+                              method=method)
+    except Exception as exc:  # math-verify catches its own; anything else is reported
+        return VerifierResult(0.0, False, extracted, span, FEEDBACK_ERROR,
+                              error=_describe(exc), method=method)
+    return result(ok, FEEDBACK_CORRECT if ok else _wrong_feedback(g, ans, extracted, True))
+
+
+@register_reward("math")
+def verify_math(response: str | None, gold: Any, *, timeout_s: float | None = 1.0,
+                strict: bool = False) -> VerifierResult:
+    """Check the final answer in ``response`` against ``gold`` (see the module docstring):
+    the combined verifier, lenient unless ``strict``.
+
+    Never raises because of the response content; raises ``ValueError``/``TypeError`` for
+    an empty/None/ill-typed gold or a negative ``timeout_s``. ``timeout_s=None`` disables
+    the deadline.
+    """
+    return _verify(response, gold, timeout_s=timeout_s, strict=strict)
+
+
+@register_reward("math_strict")
+def verify_math_strict(response: str | None, gold: Any, *,
+                       timeout_s: float | None = 1.0) -> VerifierResult:
+    """:func:`verify_math` in strict mode: a ``\\boxed{}``, ``####`` or ``Answer:`` marker
+    is required and truncated responses get 0."""
+    return _verify(response, gold, timeout_s=timeout_s, strict=True)
+
+
+@register_reward("gsm8k")
+def verify_gsm8k(response: str | None, gold: Any, *,
+                 timeout_s: float | None = 1.0) -> VerifierResult:
+    """GSM8K: strict mode (``####``, ``Answer:`` or ``\\boxed{}``), and the gold (a number
+    or a full solution ending in ``#### <number>``) must be numeric (``ValueError``
+    otherwise: a misconfigured answer field shows up as reward errors, not as zeros)."""
+    return _verify(response, gold, timeout_s=timeout_s, strict=True, numeric_gold=True)
+
+
+@register_reward("math500")
+def verify_math500(response: str | None, gold: Any, *,
+                   timeout_s: float | None = 1.0) -> VerifierResult:
+    """MATH / MATH-500 (and AIME, AMC, Minerva, OlympiadBench prompted the same way): strict
+    mode with the answer in ``\\boxed{}``; other markers do not count."""
+    return _verify(response, gold, timeout_s=timeout_s, strict=True, markers=("boxed",))
+
+
+@register_reward("math_verify")
+def verify_math_verify(response: str | None, gold: Any, *,
+                       timeout_s: float | None = 1.0) -> VerifierResult:
+    """math-verify alone, as verl calls it: ``verify(parse("\\boxed{gold}"),
+    parse(response))`` on the whole response (no span, no hedge or truncation rules).
+    For comparisons; ``math`` is the recommended reward."""
+    deadline = _Deadline(timeout_s)
+    text = _coerce_response(response)
+    g = _gold_answer(gold, deadline)
+    _, offset = _window(text)
+    try:
+        deadline.extend(symbolic.load())
+        ok = symbolic.math_verify_alone(g.text, text[offset:], timeout_s=deadline.remaining())
+    except symbolic.SymbolicTimeout:
+        return _timeout_result(timeout_s)
+    return VerifierResult(float(ok), ok, None, None, FEEDBACK_CORRECT if ok else "wrong answer")
 
 
 @register_reward("format")
@@ -614,6 +1344,44 @@ def format_reward(response: str | None, gold: Any = None, *,
     method, s, e = best
     return VerifierResult(1.0, True, window[s:e], (offset + s, offset + e), FEEDBACK_FORMAT_OK,
                           method=method)
+
+
+# ----------------------------------------------------------------------------- strict mode
+
+# reward names that are strict by default -> the lenient verifier they fall back to
+STRICT_REWARDS = {"math_strict": "math", "gsm8k": "math", "math500": "math"}
+_MARKER_ASK_RE = re.compile(r"(?i)\\boxed|####|(?<![A-Za-z])answer\s*:")
+
+
+def asks_for_marker(prompt_suffix: str | None) -> bool:
+    """Whether a prompt instruction asks for a marked final answer (``\\boxed{}``,
+    ``####`` or ``Answer:``), e.g. the built-in "Give the final answer after 'Answer:'."."""
+    return bool(prompt_suffix) and _MARKER_ASK_RE.search(prompt_suffix) is not None
+
+
+def resolve_reward_name(name: str, strict: bool | None = None,
+                        prompt_suffix: str | None = None) -> str:
+    """The registered reward to call for ``reward.name=name`` and ``reward.strict=strict``.
+
+    ``strict=None`` (the default): ``math`` becomes ``math_strict`` when ``prompt_suffix``
+    asks for a marked answer (:func:`asks_for_marker`); every other name is used as is
+    (``gsm8k``, ``math500`` and ``math_strict`` are strict). ``strict=True``: ``math`` ->
+    ``math_strict``; the strict names stay; a custom reward is a ``ValueError`` (strictness
+    is a property of the built-in verifiers). ``strict=False``: the strict names fall back
+    to the lenient ``math``; other names are used as is.
+    """
+    if strict is None:
+        if name == "math" and asks_for_marker(prompt_suffix):
+            return "math_strict"
+        return name
+    if strict:
+        if name == "math":
+            return "math_strict"
+        if name in STRICT_REWARDS:
+            return name
+        raise ValueError(f"reward.strict=true applies to the built-in math verifiers "
+                         f"(math, {', '.join(STRICT_REWARDS)}), not to {name!r}")
+    return STRICT_REWARDS.get(name, name)
 
 
 # ----------------------------------------------------------------------------- safety

@@ -15,6 +15,7 @@ from ..batch import UpdateBatch, abstract_batch
 from ..config import ConfigError, load_config, to_dict
 from ..losses.policy import PolicyLossConfig
 from ..methods import Method, get_method, method_settings
+from ..rewards import resolve_reward_name
 from ..rollout.sampler import bucket_length
 from ..update import OptimizerConfig, StepConfig
 
@@ -281,6 +282,7 @@ class TrainConfig:
                 f"{self.rollout.batch_size} rollouts (prompts_per_step x group_size)")
         method.check_run(self)
         self.make_method()  # the method's settings and teacher overrides, checked now
+        self.reward_name()  # e.g. reward.strict=true with a custom reward
         if self.reflection.use_reference_solution and not self.data.has_reference_solutions:
             raise ValueError("reflection.use_reference_solution=true needs reference solutions "
                              "in the data (set data.solution_field)")
@@ -297,6 +299,11 @@ class TrainConfig:
         ``method_config[name]``, or None for a method without settings."""
         name = name or self.method
         return method_settings(name, self.method_config.get(name))
+
+    def reward_name(self) -> str:
+        """The registered reward the verifier calls: ``reward.name`` resolved with
+        ``reward.strict`` and whether ``data.prompt_suffix`` asks for a marked answer."""
+        return resolve_reward_name(self.reward.name, self.reward.strict, self.data.prompt_suffix)
 
     def make_method(self) -> Method:
         """The selected method, configured by this run."""

@@ -114,7 +114,7 @@ def rollout_phase(run, programs: Programs, tokenizer, params, data, indices, key
     sample, kv_state = out if keep_cache else (out, None)
     texts = decode_responses(tokenizer, sample.tokens, sample.lengths)
     rw = run.reward
-    verified = verify(texts, [str(ex["answer"]) for ex in examples], reward=rw.name,
+    verified = verify(texts, [str(ex["answer"]) for ex in examples], reward=run.reward_name(),
                       format_weight=rw.format_weight, success_threshold=rw.success_threshold,
                       timeout_s=rw.timeout_s, wall_timeout_s=rw.wall_timeout_s)
     return Rollouts(examples, prompt_ids, prompt_mask, sample, texts, verified,

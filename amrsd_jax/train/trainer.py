@@ -159,7 +159,7 @@ class Trainer:
         settings = EvalSettings(num_samples=e.num_samples, temperature=e.temperature,
                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                 max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                on_long_prompt=cfg.data.on_long_prompt, reward=cfg.reward.name,
+                                on_long_prompt=cfg.data.on_long_prompt, reward=cfg.reward_name(),
                                 success_threshold=cfg.reward.success_threshold,
                                 system_prompt=cfg.model.system_prompt)
         nnx.update(self.model, self.state.params)
