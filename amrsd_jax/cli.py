@@ -98,13 +98,13 @@ def _add_bench(sub):
     o.set_defaults(func=_lazy("bench.overhead"))
     _add_bench_ttsd(bsub)
     v = bsub.add_parser("verifier", help="math verifiers on labelled cases: accuracy, false "
-                                         "positives and us/call of the old rule-based path, "
-                                         "math-verify alone and the combined reward.name=math")
+                                         "positives and us/call of math-verify alone and of "
+                                         "the combined reward.name=math")
     v.add_argument("--cases", action="append", default=None, metavar="JSONL",
                    help="labelled case file (repeatable; default: the two shipped with "
                         "amrsd_jax/rewards/cases)")
     v.add_argument("--paths", default=None,
-                   help="comma list of old, math_verify, math_verify_verl, combined, "
+                   help="comma list of math_verify, math_verify_verl, combined, "
                         "combined_lenient, combined_strict (default: all)")
     v.add_argument("--repeats", type=int, default=3, help="calls per case and path (median)")
     v.add_argument("--limit", type=int, default=0, help="only the first N cases (0 = all)")

@@ -77,7 +77,7 @@ def test_bench_verifier_end_to_end(tmp_path):
 
 def test_bench_tables_and_bad_case_file(tmp_path):
     cases = CASES[:4]
-    measured = bench.run(cases, ["old", "combined"], repeats=1)
+    measured = bench.run(cases, ["math_verify", "combined"], repeats=1)
     text = bench.tables(bench.summarize(cases, measured))
     assert "accuracy" in text and "combined" in text
     bad = tmp_path / "bad.jsonl"

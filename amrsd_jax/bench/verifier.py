@@ -9,7 +9,6 @@ results are recorded in the README).
 
 Paths:
 
-- ``old``: the rule-based verifier before issue #16 (:mod:`amrsd_jax.rewards.legacy`);
 - ``math_verify``: Hugging Face math-verify 0.9.0 alone, ``verify(parse(gold),
   parse(prediction))`` with its default extraction (TRL's call);
 - ``math_verify_verl``: the same with the gold wrapped in ``\boxed{}`` first (verl's call);
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..rewards import is_numeric_gold, safe_reward, verify_math
-from ..rewards.legacy import verify_math_legacy
 from ..rewards.symbolic import clear_caches, load, math_verify_alone
 from .harness import format_table, progress, write_results
 
@@ -59,7 +57,6 @@ def _ours(fn, case: dict, **kw) -> bool:
 
 
 PATHS: dict[str, tuple[str, Callable[[dict], bool]]] = {
-    "old": ("rule-based, before #16", lambda c: _ours(verify_math_legacy, c)),
     "math_verify": ("math-verify alone, TRL call",
                     lambda c: _mv(c["gold"], c["prediction"], False)),
     "math_verify_verl": ("math-verify alone, gold in \\boxed{} (verl)",
