@@ -42,16 +42,20 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
     Returns:
       ``logprobs [batch, time]`` float32, and ``entropy [batch, time]`` or ``None``.
     """
-    if temperature > 0 and temperature != 1.0:  # logits / T == (hidden / T) . w
-        hidden = hidden / jnp.asarray(temperature, hidden.dtype)
+    # the float32 logits are divided by T, as the sampler divides them
+    scale_t = temperature if temperature > 0 and temperature != 1.0 else None
     h = hidden.astype(compute_dtype)
     w = unembedding.astype(compute_dtype)
     # target logit from the gathered columns: [batch, time, hidden] . [batch, time, hidden]
     target_logit = jnp.sum(h.astype(jnp.float32) * jnp.take(w, targets, axis=1)
                            .transpose(1, 2, 0).astype(jnp.float32), axis=-1)
+    if scale_t is not None:
+        target_logit = target_logit / scale_t
     vocab = w.shape[1]
     if vocab_chunk is None or vocab_chunk >= vocab:
         logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        if scale_t is not None:
+            logits = logits / scale_t
         log_z = jax.nn.logsumexp(logits, axis=-1)
         return target_logit - log_z, token_entropy(logits) if with_entropy else None
 
@@ -67,6 +71,8 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
         running_max, sum_exp, sum_exp_logit = carry
         w_c, valid_c = xs
         logits = jnp.dot(h, w_c, preferred_element_type=jnp.float32)
+        if scale_t is not None:
+            logits = logits / scale_t
         logits = jnp.where(valid_c, logits, neg)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         scale = jnp.exp(running_max - new_max)
@@ -102,9 +108,10 @@ def response_logits(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Arra
     """Full logits ``[batch, N, vocab]`` at the response positions, divided by the sampling
     ``temperature`` (``<= 0``: 1) like :func:`token_logprobs_from_hidden` (SDPO)."""
     hidden = _response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    logits = model.logits(hidden).astype(jnp.float32)
     if temperature > 0 and temperature != 1.0:
-        hidden = hidden / jnp.asarray(temperature, hidden.dtype)
-    return model.logits(hidden)
+        logits = logits / temperature
+    return logits
 
 
 def response_logprobs(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Array,

@@ -362,7 +362,7 @@ def test_resolve_reward_name_and_config():
     assert resolve_reward_name("math", False, suffix) == "math"
     assert resolve_reward_name("math", True, None) == "math_strict"
     assert resolve_reward_name("gsm8k", None, None) == "gsm8k"
-    assert resolve_reward_name("gsm8k", False, suffix) == "math"
+    assert resolve_reward_name("gsm8k", False, suffix) == "gsm8k"  # asked for by name
     assert resolve_reward_name("math500", True) == "math500"
     assert resolve_reward_name("format", None, suffix) == "format"
     assert resolve_reward_name("my_reward", False) == "my_reward"
@@ -373,6 +373,12 @@ def test_resolve_reward_name_and_config():
     cfg = load_train_config(None, [])
     assert resolve_reward_name(cfg.reward.name, cfg.reward.strict,
                                cfg.data.prompt_suffix) == "math_strict"
+    assert cfg.reward_name() == "math_strict"
+    # the marker may be asked for in the system prompt instead (the TPU GSM8K config)
+    boxed = load_train_config(None, ["data.prompt_suffix=null",
+                                     r"model.system_prompt=Put the answer in \boxed{}."])
+    assert boxed.reward_name() == "math_strict"
+    assert load_train_config(None, ["data.prompt_suffix=null"]).reward_name() == "math"
 
 
 # --------------------------------------------------------------------------- timeouts and threads

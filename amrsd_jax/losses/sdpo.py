@@ -16,7 +16,9 @@ teacher ``p_T`` (the same model with a "reprompt" context; stop-gradient):
 
 Every token is multiplied by the detached importance weight
 ``min(exp(lp_S - lp_old), is_clip)`` (``lp_S`` the student's log-prob of the sampled
-token), and rollouts without a teacher context (``teacher_mask[i] == 0``) get 0.
+token) and, given the sampler's log-probs, by the rollout correction
+``min(exp(lp_old - lp_sampler), tis_cap)``; rollouts without a teacher context
+(``teacher_mask[i] == 0``) get 0.
 Total loss: ``(1 - w_d) * policy_loss + w_d * distill_loss``.
 
 Vocabulary memory: the token-level functions act on any ``[..., V]`` arrays, so a

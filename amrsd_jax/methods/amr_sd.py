@@ -117,8 +117,10 @@ class AMRSD(Method):
         if ctx.config.reflection.source == "raw_peer":
             peers = {int(i): rollouts.peer(int(i)) for i in rows}
             rows = np.array([i for i in rows if peers[int(i)] is not None], np.int64)
-            messages = [raw_peer_teacher_prompt(rollouts.questions[i], peers[int(i)])
-                        for i in rows]
+            messages = [fit_privileged(  # the peer is cut to fit, never the question
+                ctx.tokenizer, lambda p, q=rollouts.questions[i]: raw_peer_teacher_prompt(q, p),
+                peers[int(i)], max_tokens=ctx.config.reflection.max_teacher_prompt_tokens,
+                system_prompt=ctx.config.model.system_prompt)[0] for i in rows]
         elif len(rows):
             written, metrics, counts = self._reflect(ctx, rollouts, rows)
             messages, cut = [], 0

@@ -14,7 +14,8 @@ host side, once per iteration (``ctx``: a :class:`MethodContext` the loop hands 
 traced, inside the one jitted update step
   ``token_advantages(A [B], batch, mask [B, N], step) -> (Ahat [B, N], diagnostics)``;
   ``extra_loss(...)`` an additive loss term besides the policy gradient (SDPO);
-  ``refresh_teacher(teacher, params, finite)`` the teacher weights after the step (EMA);
+  ``refresh_teacher(teacher, params, finite, step)`` the teacher weights after the step
+      (an EMA, or a frozen teacher's periodic copy of the policy; ``TeacherPolicy``);
 
 and at build time
   ``init_teacher(params)`` its own teacher weight copy (``None``: the live policy);

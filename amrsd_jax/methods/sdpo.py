@@ -82,6 +82,7 @@ class SDPO(Method):
 
     def extra_loss(self, model, teacher, micro, policy_loss, aggregation, normalizer, *,
                    temperature=1.0):
+        teacher = model if teacher is None else teacher  # teacher.weights=live
         student_logits = response_logits(model, micro.prompt_ids, micro.prompt_mask,
                                          micro.response_ids, micro.response_mask,
                                          temperature=temperature)

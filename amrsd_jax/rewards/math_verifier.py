@@ -1367,8 +1367,8 @@ def resolve_reward_name(name: str, strict: bool | None = None,
     asks for a marked answer (:func:`asks_for_marker`); every other name is used as is
     (``gsm8k``, ``math500`` and ``math_strict`` are strict). ``strict=True``: ``math`` ->
     ``math_strict``; the strict names stay; a custom reward is a ``ValueError`` (strictness
-    is a property of the built-in verifiers). ``strict=False``: the strict names fall back
-    to the lenient ``math``; other names are used as is.
+    is a property of the built-in verifiers). ``strict=False``: ``math`` stays lenient and
+    every other name is used as is (a strict name asked for explicitly stays strict).
     """
     if strict is None:
         if name == "math" and asks_for_marker(prompt_suffix):
@@ -1381,7 +1381,7 @@ def resolve_reward_name(name: str, strict: bool | None = None,
             return name
         raise ValueError(f"reward.strict=true applies to the built-in math verifiers "
                          f"(math, {', '.join(STRICT_REWARDS)}), not to {name!r}")
-    return STRICT_REWARDS.get(name, name)
+    return name
 
 
 # ----------------------------------------------------------------------------- safety

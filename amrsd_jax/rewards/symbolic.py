@@ -184,6 +184,13 @@ def _interrupt(thread: threading.Thread) -> None:
                                                    ctypes.py_object(_Interrupted))
 
 
+def _replace_work_lock() -> None:
+    """Later comparisons use a fresh lock: the stuck worker keeps (and some day releases)
+    the one it holds, so one runaway input does not fail every later symbolic answer."""
+    global _work_lock
+    _work_lock = threading.Lock()
+
+
 def _run_bounded(fn: Callable[[], bool], timeout_s: float | None) -> bool:
     """``fn()`` under the comparison lock, in a worker thread waited for ``timeout_s``."""
     if timeout_s is None:
@@ -195,15 +202,17 @@ def _run_bounded(fn: Callable[[], bool], timeout_s: float | None) -> bool:
     end = time.monotonic() + timeout_s
     box: list[tuple[bool, Any]] = []
 
+    lock = _work_lock  # the lock this call uses, even if a stuck worker gets it replaced
+
     def work() -> None:
         try:
             try:
-                if not _work_lock.acquire(timeout=max(0.0, end - time.monotonic())):
+                if not lock.acquire(timeout=max(0.0, end - time.monotonic())):
                     return
                 try:
                     box.append((True, fn()))
                 finally:
-                    _work_lock.release()
+                    lock.release()
             except _Interrupted:
                 pass
             except BaseException as exc:  # handed to the caller
@@ -225,6 +234,7 @@ def _run_bounded(fn: Callable[[], bool], timeout_s: float | None) -> bool:
         if worker.is_alive():
             with _stuck_lock:
                 _stuck.append(worker)
+            _replace_work_lock()  # a worker stuck in C code would hold it for good
     raise SymbolicTimeout(f"symbolic comparison exceeded {timeout_s:.3g} s")
 
 

@@ -125,7 +125,9 @@ class ReflectionConfig:
     use_reference_solution: bool = False  # opt-in source (reflection_sources), off by default
     leak_guard: bool = True
     max_prompt_tokens: int = 640  # the reflection request (question, attempt, peer); truncated
-    max_teacher_prompt_tokens: int = 384  # question + reflection; truncated on the left
+    # a teacher prompt's budget: its privileged part (reflection, peer or reference
+    # solution, feedback) is cut from its end to fit; the question is never cut
+    max_teacher_prompt_tokens: int = 384
     # self: the policy writes the hint/critique (AMR-SD) | raw_peer: ablation, the teacher
     # sees a verifier-approved peer rollout verbatim instead (rows without one get no signal)
     source: str = "self"
@@ -303,7 +305,9 @@ class TrainConfig:
     def reward_name(self) -> str:
         """The registered reward the verifier calls: ``reward.name`` resolved with
         ``reward.strict`` and whether ``data.prompt_suffix`` asks for a marked answer."""
-        return resolve_reward_name(self.reward.name, self.reward.strict, self.data.prompt_suffix)
+        # the marker may be asked for in the prompt suffix or in the system prompt
+        asks = " ".join(t for t in (self.data.prompt_suffix, self.model.system_prompt) if t)
+        return resolve_reward_name(self.reward.name, self.reward.strict, asks or None)
 
     def make_method(self) -> Method:
         """The selected method, configured by this run."""
