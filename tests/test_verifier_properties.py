@@ -451,6 +451,32 @@ def test_stuck_workers_make_new_calls_fail_fast(monkeypatch):
     assert verify_math(r"\boxed{\sqrt{7}}", r"\sqrt{7}+0", timeout_s=5.0).correct
 
 
+def test_a_stuck_worker_does_not_block_later_comparisons(monkeypatch):
+    """A worker stuck past its deadline keeps the lock it holds; later comparisons get a
+    fresh one and are judged, instead of timing out for the rest of the run."""
+    release = threading.Event()
+
+    def stubborn(gold, answer):
+        while not release.is_set():
+            try:
+                time.sleep(0.005)
+            except BaseException:
+                pass
+        return True
+
+    real = symbolic._equal
+    monkeypatch.setattr(symbolic, "_equal", stubborn)
+    try:
+        assert verify_math(r"\boxed{\sqrt{7}}", r"\sqrt{7}+0", timeout_s=0.05).error
+        assert symbolic._alive_stuck() == 1
+        monkeypatch.setattr(symbolic, "_equal", real)
+        res = verify_math(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", timeout_s=5.0)
+        assert res.correct and res.error is None
+    finally:
+        release.set()
+    assert _wait_for_no_stuck() == 0
+
+
 def test_math_verify_import_is_not_charged_to_the_deadline(monkeypatch):
     monkeypatch.setattr(symbolic, "load", lambda: (time.sleep(0.3), 0.3)[1])
     assert verify_math(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", timeout_s=0.25).correct

@@ -15,9 +15,9 @@ seconds (any thread may call). Comparisons are serialised by a lock (the GIL all
 parallelism here anyway, and math-verify's parser caches are not documented as
 thread-safe). On a timeout the worker is sent an asynchronous exception (it stops at its
 next Python bytecode; sympy is pure Python) and the caller gets :class:`SymbolicTimeout`;
-a worker that does not stop (stuck in C code, or swallowing the exception) holds the lock,
-so while :data:`MAX_STUCK` such workers are alive new comparisons fail fast instead of
-waiting for it. Inputs that could make sympy build huge numbers (nested or
+a worker that does not stop (stuck in C code, or swallowing the exception) keeps the lock
+it holds and later comparisons take a fresh one; once :data:`MAX_STUCK` such workers are
+alive, new comparisons fail fast instead of piling up more. Inputs that could make sympy build huge numbers (nested or
 large exponents, large factorials, very long strings) are refused (``False``) before
 parsing.
 
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 MAX_SYMBOLIC_CHARS = 400  # longer answers / golds are not handed to sympy
-MAX_STUCK = 1  # abandoned (timed-out) workers still running before new calls fail fast
+MAX_STUCK = 2  # abandoned (timed-out) workers still running before new calls fail fast
 MAX_EXPONENT = 400  # a literal exponent above this is refused (x^{10^9} would not finish)
 MAX_FACTORIAL = 200
 
