@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_chat_tokenizer
 
 from amrsd_jax.credit import grpo_advantages, rlsd_lambda
-from amrsd_jax.methods import sdpo as sdpo_module
+from amrsd_jax.methods import base as method_base
 from amrsd_jax.methods.sdpo import SDPO
 from amrsd_jax.models.tokenizer import apply_chat_template
 from amrsd_jax.reflection.contexts import sdpo_teacher_prompt
@@ -86,7 +86,7 @@ def _messages(method, rollouts, monkeypatch):
         return np.zeros((len(messages), 1)), np.zeros((len(messages), 1)), \
             np.array([m is not None for m in messages]), 0
 
-    monkeypatch.setattr(sdpo_module, "encode_teacher_prompts", capture)
+    monkeypatch.setattr(method_base, "encode_teacher_prompts", capture)
     method.teacher_inputs(Ctx, rollouts)
     return captured["messages"]
 

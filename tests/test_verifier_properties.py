@@ -426,18 +426,21 @@ def test_hanging_symbolic_comparison_times_out_and_is_stopped(monkeypatch):
     assert _wait_for_no_stuck() == 0  # the worker got the asynchronous exception
 
 
-def test_stuck_workers_make_new_calls_fail_fast(monkeypatch):
-    release = threading.Event()
-
-    def stubborn(gold, answer):  # swallows the interrupt until released
+def _stubborn(release: threading.Event):
+    """A comparison that swallows the interrupt and runs until ``release`` is set."""
+    def stubborn(gold, answer):
         while not release.is_set():
             try:
                 time.sleep(0.005)
             except BaseException:
                 pass
         return True
+    return stubborn
 
-    monkeypatch.setattr(symbolic, "_equal", stubborn)
+
+def test_stuck_workers_make_new_calls_fail_fast(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(symbolic, "_equal", _stubborn(release))
     try:
         for _ in range(symbolic.MAX_STUCK):
             assert verify_math(r"\boxed{\sqrt{7}}", r"\sqrt{7}+0", timeout_s=0.05).error
@@ -455,17 +458,8 @@ def test_a_stuck_worker_does_not_block_later_comparisons(monkeypatch):
     """A worker stuck past its deadline keeps the lock it holds; later comparisons get a
     fresh one and are judged, instead of timing out for the rest of the run."""
     release = threading.Event()
-
-    def stubborn(gold, answer):
-        while not release.is_set():
-            try:
-                time.sleep(0.005)
-            except BaseException:
-                pass
-        return True
-
     real = symbolic._equal
-    monkeypatch.setattr(symbolic, "_equal", stubborn)
+    monkeypatch.setattr(symbolic, "_equal", _stubborn(release))
     try:
         assert verify_math(r"\boxed{\sqrt{7}}", r"\sqrt{7}+0", timeout_s=0.05).error
         assert symbolic._alive_stuck() == 1

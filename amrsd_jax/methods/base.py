@@ -39,6 +39,7 @@ import optax
 from ..batch import UpdateBatch, validate_fields
 from ..config import build
 from ..credit.grpo import grpo_token_advantages
+from ..rollout.prompts import encode_teacher_prompts
 
 
 TEACHER_WEIGHTS = ("live", "ema", "frozen")
@@ -123,6 +124,22 @@ class MethodContext:
     def teacher_weights(self):
         """The weights the method's teacher scores with: its copy, or the live policy."""
         return self.params if self.teacher_params is None else self.teacher_params
+
+
+def every_row_teacher_inputs(ctx: MethodContext, rollouts, messages: list, *, cut: int,
+                             rows: np.ndarray) -> TeacherInputs:
+    """Teacher inputs with one prompt per row of the step (``messages[i] is None``: row
+    ``i`` has no teacher context and reuses its student prompt); ``cut`` counts the rows
+    whose privileged part was already cut to fit, ``rows`` the rows the method's own
+    scoring pass scores (none when the teacher scores inside the update step)."""
+    run = ctx.config
+    ids, mask, valid, truncated = encode_teacher_prompts(
+        ctx.tokenizer, messages, rollouts.prompt_ids, rollouts.prompt_mask,
+        max_tokens=run.reflection.max_teacher_prompt_tokens,
+        system_prompt=run.model.system_prompt)
+    return TeacherInputs(ids, mask, valid, rows, rows,
+                         metrics={"teacher_valid_frac": float(valid.mean())},
+                         counts={"truncated_teacher_prompts": truncated + cut})
 
 
 class Method:

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..credit.rlsd import RLSDConfig, rlsd_token_advantages
 from ..reflection.contexts import rlsd_teacher_prompt
-from ..rollout.prompts import encode_teacher_prompts, fit_privileged
-from .base import Method, TeacherInputs, TeacherPolicy, register
+from ..rollout.prompts import fit_privileged
+from .base import Method, TeacherPolicy, every_row_teacher_inputs, register
 
 
 @register
@@ -50,15 +50,8 @@ class RLSD(Method):
                 system_prompt=run.model.system_prompt)
             messages.append(message)
             cut += was_cut
-        ids, mask, valid, truncated = encode_teacher_prompts(
-            ctx.tokenizer, messages, rollouts.prompt_ids, rollouts.prompt_mask,
-            max_tokens=run.reflection.max_teacher_prompt_tokens,
-            system_prompt=run.model.system_prompt)
-        truncated += cut
-        rows = np.arange(rollouts.num_rows)
-        return TeacherInputs(ids, mask, valid, rows, rows,
-                             metrics={"teacher_valid_frac": float(valid.mean())},
-                             counts={"truncated_teacher_prompts": truncated})
+        return every_row_teacher_inputs(ctx, rollouts, messages, cut=cut,
+                                        rows=np.arange(rollouts.num_rows))
 
     def score(self, ctx, rollouts, teacher, batch):
         lp_teacher, _ = ctx.programs.score(ctx.teacher_weights, teacher.ids, teacher.mask,

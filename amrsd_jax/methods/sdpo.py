@@ -28,9 +28,9 @@ import numpy as np
 from ..losses.policy import loss_normalizer
 from ..losses.sdpo import SDPOConfig, sdpo_distillation_loss, sdpo_total_loss
 from ..reflection.contexts import sdpo_teacher_prompt
-from ..rollout.prompts import encode_teacher_prompts, fit_privileged
+from ..rollout.prompts import fit_privileged
 from ..scoring import response_logits
-from .base import Method, TeacherInputs, TeacherPolicy, register
+from .base import Method, TeacherPolicy, every_row_teacher_inputs, register
 
 
 @register
@@ -62,15 +62,8 @@ class SDPO(Method):
                 system_prompt=run.model.system_prompt)
             messages.append(message)
             cut += was_cut
-        ids, mask, valid, truncated = encode_teacher_prompts(
-            ctx.tokenizer, messages, rollouts.prompt_ids, rollouts.prompt_mask,
-            max_tokens=run.reflection.max_teacher_prompt_tokens,
-            system_prompt=run.model.system_prompt)
-        truncated += cut
-        rows = np.arange(0)  # scored inside the update step, not here
-        return TeacherInputs(ids, mask, valid, rows, rows,
-                             metrics={"teacher_valid_frac": float(valid.mean())},
-                             counts={"truncated_teacher_prompts": truncated})
+        # no rows of its own to score: the teacher scores inside the update step
+        return every_row_teacher_inputs(ctx, rollouts, messages, cut=cut, rows=np.arange(0))
 
     def score(self, ctx, rollouts, teacher, batch):
         return batch.replace(teacher_prompt_ids=teacher.ids, teacher_prompt_mask=teacher.mask,
