@@ -152,20 +152,17 @@ def _accumulate_gradients(state: TrainState, other, graphdef, batch: UpdateBatch
                    cfg.method.extra_loss_normalizer(batch, cfg.policy.aggregation))
     micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), (batch, token_adv))
 
-    def loss_of(mb):
-        return _loss_fn(state.params, other, graphdef, mb[0], mb[1], normalizers, cfg,
-                        teacher_params)
+    def loss_of(params, mb):
+        return _loss_fn(params, other, graphdef, mb[0], mb[1], normalizers, cfg, teacher_params)
 
     def accumulate(carry, mb):
         grads, loss, sums = carry
-        (l, s), g = jax.value_and_grad(
-            lambda p: _loss_fn(p, other, graphdef, mb[0], mb[1], normalizers, cfg,
-                               teacher_params), has_aux=True)(state.params)
+        (l, s), g = jax.value_and_grad(loss_of, has_aux=True)(state.params, mb)
         return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, sums, s)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(lambda: loss_of(first)[1]))
+                             jax.eval_shape(lambda: loss_of(state.params, first)[1]))
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), zero_sums)
     (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro)
     return grads, loss, sums

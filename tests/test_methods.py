@@ -125,3 +125,16 @@ def test_registry():
     assert make_method("amr_sd") == make_method("amr_sd")
     assert hash(make_method("sdpo")) == hash(make_method("sdpo"))
     assert make_method("oar_g") != make_method("oar_p")
+
+
+def test_run_counters_round_trip_through_a_checkpoint_dict():
+    """What ``Trainer.save`` writes (``as_dict``) restores every total on resume, the loop's
+    own and a method's; a name the checkpoint lacks keeps its value."""
+    from amrsd_jax.train.phases import Counters
+
+    saved = Counters(reward_errors=3, skipped_steps=2, method={"redactions": 5})
+    saved.add({"redactions": 1, "dropped_groups": 4})
+    fresh = Counters(skipped_long_prompts=7, method={"redactions": 0})
+    fresh.load({k: v for k, v in saved.as_dict().items() if k != "skipped_long_prompts"})
+    assert fresh.as_dict() == {**saved.as_dict(), "skipped_long_prompts": 7}
+    assert fresh.as_dict()["redactions"] == 6 and fresh.dropped_groups == 4

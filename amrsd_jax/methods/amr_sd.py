@@ -112,47 +112,44 @@ class AMRSD(Method):
         return rollouts.mixed_group_rows()
 
     def teacher_inputs(self, ctx, rollouts):
-        rows = self._rows(ctx, rollouts)
+        run, rows = ctx.config, self._rows(ctx, rollouts)
         reflections, metrics, counts = [None] * rollouts.num_rows, {}, {}
-        if ctx.config.reflection.source == "raw_peer":
+        if run.reflection.source == "raw_peer":  # ablation: the peer where the reflection was
             peers = {int(i): rollouts.peer(int(i)) for i in rows}
             rows = np.array([i for i in rows if peers[int(i)] is not None], np.int64)
-            messages = [fit_privileged(  # the peer is cut to fit, never the question
-                ctx.tokenizer, lambda p, q=rollouts.questions[i]: raw_peer_teacher_prompt(q, p),
-                peers[int(i)], max_tokens=ctx.config.reflection.max_teacher_prompt_tokens,
-                system_prompt=ctx.config.model.system_prompt)[0] for i in rows]
-        elif len(rows):
-            written, metrics, counts = self._reflect(ctx, rollouts, rows)
-            messages, cut = [], 0
-            for i, r in zip(rows, written):  # the reflection is cut to fit, never the question
-                message, was_cut = fit_privileged(
-                    ctx.tokenizer, lambda t, q=rollouts.questions[i],
-                    ok=bool(rollouts.verified.correct[i]): amr_sd_teacher_prompt(q, t, ok), r,
-                    max_tokens=ctx.config.reflection.max_teacher_prompt_tokens,
-                    system_prompt=ctx.config.model.system_prompt)
-                messages.append(message)
-                cut += was_cut
-            counts["truncated_teacher_prompts"] = cut
-            for i, r in zip(rows, written):
-                reflections[i] = r
+            texts = [peers[int(i)] for i in rows]
         metrics["reflected_frac"] = len(rows) / rollouts.num_rows
         if not len(rows):
             return TeacherInputs(None, None, None, rows, rows, reflections, metrics, counts)
         padded = ctx.bucket_rows(rows)
-        messages = messages + [messages[0]] * (len(padded) - len(rows))
-        run = ctx.config
-        enc = encode_chat(ctx.tokenizer, messages,
+        if run.reflection.source != "raw_peer":
+            texts, reflect_metrics, counts = self._reflect(ctx, rollouts, rows, padded)
+            metrics.update(reflect_metrics)
+            for i, r in zip(rows, texts):
+                reflections[i] = r
+        messages, cut = [], 0
+        for i, text in zip(rows, texts):  # the privileged text is cut to fit, never the question
+            q, ok = rollouts.questions[i], bool(rollouts.verified.correct[i])
+            render = ((lambda t, q=q: raw_peer_teacher_prompt(q, t))
+                      if run.reflection.source == "raw_peer"
+                      else (lambda t, q=q, ok=ok: amr_sd_teacher_prompt(q, t, ok)))
+            message, was_cut = fit_privileged(
+                ctx.tokenizer, render, text, max_tokens=run.reflection.max_teacher_prompt_tokens,
+                system_prompt=run.model.system_prompt)
+            messages.append(message)
+            cut += was_cut
+        enc = encode_chat(ctx.tokenizer, messages + [messages[0]] * (len(padded) - len(rows)),
                           max_tokens=run.reflection.max_teacher_prompt_tokens,
                           system_prompt=run.model.system_prompt, on_long="truncate")
-        counts["truncated_teacher_prompts"] = counts.get("truncated_teacher_prompts", 0) \
-            + enc.truncated
+        counts["truncated_teacher_prompts"] = cut
         return TeacherInputs(enc.ids, enc.mask, np.ones(len(padded), bool), rows, padded,
                              reflections, metrics, counts)
 
-    def _reflect(self, ctx: MethodContext, rollouts: Rollouts, rows: np.ndarray):
-        """The policy's leak-guarded reflections on ``rows``; ``(texts, metrics, counts)``."""
+    def _reflect(self, ctx: MethodContext, rollouts: Rollouts, rows: np.ndarray,
+                 padded: np.ndarray):
+        """The policy's leak-guarded reflections on ``rows`` (sampled for ``padded``, the rows
+        padded to a compiled bucket); ``(texts, metrics, counts)``."""
         run, cfg = ctx.config, ctx.config.reflection
-        padded = ctx.bucket_rows(rows)
         follow_up = cfg.request == "follow_up"
         if follow_up and rollouts.kv_state is None:
             raise ValueError("reflection.request=follow_up needs the rollouts' KV cache")

@@ -54,7 +54,10 @@ class Counters:
     def load(self, saved: dict) -> None:
         """Take the totals of a checkpoint (``as_dict``); names it lacks keep their value."""
         for name, value in saved.items():
-            self.add({name: int(value) - self.as_dict().get(name, 0)})
+            if name != "method" and hasattr(self, name):
+                setattr(self, name, int(value))
+            else:
+                self.method[name] = int(value)
 
 
 @dataclasses.dataclass
