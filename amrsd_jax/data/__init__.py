@@ -7,6 +7,9 @@
 * :func:`load_tfds` -- a split of a TensorFlow Datasets dataset already prepared on disk,
   to the same examples (no TensorFlow needed; ``tensorflow_datasets`` is imported on the
   first call only).
+* :class:`CodeTask` -- small Python functions to write, checked by generated asserts in the
+  sandbox (``reward.name=python_tests``); :func:`load_humaneval` and
+  :func:`load_code_jsonl` read HumanEval and users' own code problems.
 * :class:`PromptStream` -- shuffled, per-host sharded, checkpointable batches of examples.
 
 Pure Python + numpy (no JAX).
@@ -20,6 +23,13 @@ from .arithmetic import (
     render_prompt,
     split_of,
 )
+from .code_task import (
+    CODE_LEVELS,
+    CODE_PROMPT_SUFFIX,
+    CodeTask,
+    load_code_jsonl,
+    load_humaneval,
+)
 from .sources import (
     DataFormatError,
     FieldMap,
@@ -31,6 +41,9 @@ from .sources import (
 from .tfds_source import DatasetNotPreparedError, load_tfds
 
 __all__ = [
+    "CODE_LEVELS",
+    "CODE_PROMPT_SUFFIX",
+    "CodeTask",
     "LEVELS",
     "PROMPT_SUFFIX",
     "TEST_FRACTION",
@@ -41,6 +54,8 @@ __all__ = [
     "LoadResult",
     "PromptStream",
     "extract_final_answer",
+    "load_code_jsonl",
+    "load_humaneval",
     "load_local",
     "load_tfds",
     "render_prompt",

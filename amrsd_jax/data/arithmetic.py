@@ -316,7 +316,30 @@ def _normalise_levels(level: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(levels)))
 
 
-class ArithmeticTask(Sequence):
+class GeneratedTask(Sequence):
+    """A generated task's examples as a read-only sequence of fresh dicts, and its prompts.
+    Subclasses fill ``_examples`` and set ``prompt_suffix``."""
+
+    _examples: list[dict]
+    prompt_suffix: str | None
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [dict(e) for e in self._examples[i]]
+        return dict(self._examples[i])
+
+    def __iter__(self):
+        return (dict(e) for e in self._examples)
+
+    def render(self, example: dict | str) -> str:
+        """The prompt text for an example (question + this task's ``prompt_suffix``)."""
+        return render_prompt(example, self.prompt_suffix)
+
+
+class ArithmeticTask(GeneratedTask):
     """A deterministic list of arithmetic problems.
 
     Args:
@@ -377,21 +400,6 @@ class ArithmeticTask(Sequence):
             raise RuntimeError(f"could only generate {len(out)} distinct {self.split} problems "
                                f"of level(s) {self.levels} (asked for {size})")
         return out
-
-    def __len__(self) -> int:
-        return len(self._examples)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [dict(e) for e in self._examples[i]]
-        return dict(self._examples[i])
-
-    def __iter__(self):
-        return (dict(e) for e in self._examples)
-
-    def render(self, example: dict | str) -> str:
-        """The prompt text for an example (question + this task's ``prompt_suffix``)."""
-        return render_prompt(example, self.prompt_suffix)
 
     def prompt(self, i: int) -> str:
         """The prompt text of example ``i``."""

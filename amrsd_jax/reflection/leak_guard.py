@@ -1,13 +1,17 @@
-"""Answer-leak guard (SPEC.md, AMR-SD step 2; ours, on by default).
+"""Answer-leak guard (docs/methods.md, "AMR-SD", step 3; ours, on by default).
 
 A reflection must nudge, not tell: if it contains the gold final answer as a
 token-delimited string, that span is redacted before the teacher sees it, and the
-number of redactions is counted for the step's metrics.
+number of redactions is counted for the step's metrics. For a code task (the gold is a
+serialised :class:`~amrsd_jax.rewards.python_tests.CodeTests`) every expected value of
+its tests is redacted instead (:func:`~amrsd_jax.rewards.python_tests.expected_values`).
 """
 
 from __future__ import annotations
 
 import re
+
+from ..rewards.python_tests import expected_values, is_code_gold, redact_expected
 
 REDACTION = "[redacted]"
 
@@ -29,4 +33,6 @@ def redact_answer(reflection: str, gold_answer: str) -> tuple[str, int]:
     """Replace every token-delimited occurrence of ``gold_answer``; return (text, count)."""
     if not gold_answer or not gold_answer.strip():
         return reflection, 0
+    if is_code_gold(gold_answer):
+        return redact_expected(reflection, expected_values(gold_answer))
     return _answer_pattern(gold_answer).subn(REDACTION, reflection)
