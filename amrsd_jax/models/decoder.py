@@ -5,19 +5,35 @@ Module and attribute names mirror Hugging Face (``embed_tokens``, ``layers[i].se
 logical sharding names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``norm``) that
 one rule table in :mod:`amrsd_jax.sharding` maps onto the mesh axes ``data``/``fsdp``/``tensor``.
 
+Layers (``scan_layers=True``, the default) are ONE :class:`DecoderLayer` whose parameters
+carry a leading layer axis (created with ``nnx.vmap``; logical name ``layers``), run by one
+``jax.lax.scan``: the program has one layer body whatever the depth. Parameter paths are
+``('layers', 'self_attn', 'q_proj', 'kernel')`` with shape ``[layers, in, out]`` (the
+checkpoint mapping in :mod:`amrsd_jax.models.checkpoint` adds the layer index back);
+``scan_layers=False`` keeps a Python list ``('layers', i, ...)`` for debugging. Activations
+are pinned to logical axes (:func:`amrsd_jax.sharding.constrain`) at layer boundaries, q/k/v,
+the MLP hidden, the logits and the KV cache.
+
 The KV cache is a plain pytree passed in and returned (no hidden module state), so the
-same module serves training (no cache) and jitted sampling (static-shape cache).
+same module serves training (no cache) and jitted sampling (static-shape cache). It is
+stacked like the parameters: ``[layers, batch, slots, kv_heads, head_dim]``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .config import DecoderConfig, rope_inverse_frequencies
+from ..sharding import constrain
+from .config import REMAT_POLICIES, DecoderConfig, rope_inverse_frequencies
+
+# logical axes of the activations
+HIDDEN = ("batch", "sequence", "activation_embed")
+CACHE = ("layers", "batch", "sequence", "kv_heads", "head_dim")
 
 
 def _meta(*names):
@@ -25,19 +41,20 @@ def _meta(*names):
     return {"out_sharding": names, "eager_sharding": False}
 
 
-class LayerCache(NamedTuple):
-    """Keys and values of one layer: ``[batch, slots, kv_heads, head_dim]`` each."""
+class KVCache(NamedTuple):
+    """Keys and values of every layer: ``[layers, batch, slots, kv_heads, head_dim]`` each
+    (one layer's ``[batch, slots, kv_heads, head_dim]`` inside the layer scan)."""
 
     k: jax.Array
     v: jax.Array
 
 
-def init_cache(cfg: DecoderConfig, batch: int, slots: int, dtype=None) -> tuple[LayerCache, ...]:
+def init_cache(cfg: DecoderConfig, batch: int, slots: int, dtype=None) -> KVCache:
     """Zero KV cache with ``slots`` positions for every layer."""
     dtype = dtype or cfg.dtype
-    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                 for _ in range(cfg.num_layers))
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(constrain(jnp.zeros(shape, dtype), CACHE),
+                   constrain(jnp.zeros(shape, dtype), CACHE))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -133,21 +150,27 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, cache_index):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_names = ("batch", "sequence", "heads", "head_dim")
+        kv_names = ("batch", "sequence", "kv_heads", "head_dim")
+        q = constrain(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), q_names)
+        k = constrain(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), kv_names)
+        v = constrain(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), kv_names)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            cache = LayerCache(k, v)
+            k = constrain(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                          kv_names)
+            v = constrain(jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+                          kv_names)
+            cache = KVCache(k, v)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+        out = constrain(out.reshape(b, t, self.num_heads * self.head_dim),
+                        ("batch", "sequence", "heads"))
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -160,7 +183,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), cfg.mlp_bias, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "sequence", "mlp")))
 
 
 class DecoderLayer(nnx.Module):
@@ -178,26 +202,39 @@ class DecoderLayer(nnx.Module):
         return x, cache
 
 
-def _run_layer(layer, x, cos, sin, mask, cache, cache_index):
-    return layer(x, cos, sin, mask, cache, cache_index)
+def _layer_step(graphdef, x, state, cache, cos, sin, mask, cache_index):
+    """One layer as a pure function of its state: ``(x, cache) -> (x, cache)``.
 
-
-def _layer_pure(graphdef, state, x, cos, sin, mask, cache, cache_index):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
-
-
-_layer_checkpointed = jax.checkpoint(_layer_pure, static_argnums=(0,))
-
-
-def _run_layer_remat(layer, x, cos, sin, mask, cache, cache_index):
-    """Per-layer activation checkpointing as a pure function of the layer's state.
-
-    (``nnx.remat`` on the module fails with "Cannot mutate Param from a different trace
-    level" when the model was merged inside an outer trace: the micro-batch scan, the
-    decode loop, ``eval_shape``.)
+    (Pure so that it can be scanned and checkpointed; ``nnx.remat`` on the module fails with
+    "Cannot mutate Param from a different trace level" when the model was merged inside an
+    outer trace: the micro-batch scan, the decode loop, ``eval_shape``.)
     """
-    graphdef, state = nnx.split(layer)
-    return _layer_checkpointed(graphdef, state, x, cos, sin, mask, cache, cache_index)
+    x = constrain(x, HIDDEN)
+    x, cache = nnx.merge(graphdef, state)(x, cos, sin, mask, cache, cache_index)
+    return constrain(x, HIDDEN), cache
+
+
+def layer_function(graphdef, remat_policy: str, *, scanned: bool):
+    """:func:`_layer_step` for layers of ``graphdef``, checkpointed under ``remat_policy``."""
+    step = functools.partial(_layer_step, graphdef)
+    policy = REMAT_POLICIES[remat_policy]
+    if remat_policy == "none":
+        return step
+    # a scan body is never CSE'd with the forward pass, so inside one the CSE barrier
+    # (which also blocks useful optimisations) is not needed
+    return jax.checkpoint(step, policy=policy, prevent_cse=not scanned)
+
+
+def stacked_layers(cfg: DecoderConfig, rngs: nnx.Rngs) -> "DecoderLayer":
+    """``cfg.num_layers`` layers as one module whose parameters are stacked on a leading
+    ``layers`` axis (each layer initialised from its own split of ``rngs``)."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return DecoderLayer(cfg, rngs=rngs)
+
+    return make(rngs)
 
 
 class Decoder(nnx.Module):
@@ -214,7 +251,11 @@ class Decoder(nnx.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
             embedding_metadata=_meta("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.layers = stacked_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs)
+                                    for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                             param_dtype=cfg.param_dtype, dtype=cfg.dtype)
         if cfg.tie_word_embeddings:
@@ -237,7 +278,10 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits ``[..., vocab]`` from final hidden states ``[..., hidden]``."""
         w = self.output_embedding().astype(self.config.dtype)
-        return jnp.dot(hidden.astype(self.config.dtype), w, preferred_element_type=jnp.float32)
+        logits = jnp.dot(hidden.astype(self.config.dtype), w, preferred_element_type=jnp.float32)
+        if logits.ndim < 2:
+            return logits
+        return constrain(logits, ("batch",) + ("sequence",) * (logits.ndim - 2) + ("vocab",))
 
     def hidden_states(self, embeddings, kv_mask, *, positions=None, cache=None, cache_index=0):
         """Final normed hidden states ``[batch, time, hidden]`` and the updated cache.
@@ -248,7 +292,7 @@ class Decoder(nnx.Module):
             without a cache, of the whole cache (including the new tokens' slots) with one.
           positions: ``[batch, time]`` RoPE positions; derived from ``kv_mask`` if omitted
             (only without a cache).
-          cache: tuple of :class:`LayerCache` or ``None``.
+          cache: the stacked :class:`KVCache` or ``None``.
           cache_index: slot where the first input token is written.
         """
         t = embeddings.shape[1]
@@ -261,14 +305,29 @@ class Decoder(nnx.Module):
         # a trace-time constant, not a parameter: it is fixed by the config
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.config), jnp.float32)
         cos, sin = rotary_tables(positions, inv_freq)
-        run = _run_layer_remat if self.config.remat else _run_layer
-        x = embeddings
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, cos, sin, mask,
-                                 None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        return self.norm(x), (tuple(new_cache) if cache is not None else None)
+        context = (cos, sin, mask, cache_index)
+        cfg = self.config
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            step = layer_function(graphdef, cfg.remat_policy, scanned=True)
+
+            def body(x, layer):
+                return step(x, *layer, *context)
+
+            x, cache = jax.lax.scan(body, embeddings, (state, cache))
+        else:
+            x, new_cache = embeddings, []
+            for i, layer in enumerate(self.layers):
+                graphdef, state = nnx.split(layer)
+                step = layer_function(graphdef, cfg.remat_policy, scanned=False)
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, layer_cache = step(x, state, layer_cache, *context)
+                new_cache.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
+        if cache is not None:
+            cache = KVCache(constrain(cache.k, CACHE), constrain(cache.v, CACHE))
+        return self.norm(x), cache
 
     def forward(self, input_ids, kv_mask, *, positions=None, cache=None, cache_index=0):
         """Logits ``[batch, time, vocab]`` (float32) and the updated cache (or ``None``)."""

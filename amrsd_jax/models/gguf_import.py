@@ -27,7 +27,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -147,7 +149,15 @@ def ensure_bundled_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if not _marker_matches(out_dir, key):  # another process may have finished meanwhile
+            # first use only, but it takes a while: say what is written where
+            print(f"first use of the bundled model: converting {gguf_path.name} "
+                  f"({gguf_path.stat().st_size / 2**20:.0f} MiB) to a float32 safetensors cache "
+                  f"in {out_dir} (once) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             convert_gguf_to_hf(gguf_path, out_dir, dtype="float32")
+            size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+            print(f"converted in {time.perf_counter() - t0:.0f}s: {size / 2**20:.0f} MiB in "
+                  f"{out_dir} ($AMRSD_CACHE moves it)", file=sys.stderr, flush=True)
     return out_dir
 
 

@@ -129,7 +129,8 @@ def match_preset(name_or_path: str | os.PathLike) -> str | None:
 
 
 def architecture_config(name_or_path: str | os.PathLike, *, dtype: str = "float32",
-                        param_dtype: str | None = None, remat: bool = False) -> DecoderConfig:
+                        param_dtype: str | None = None, remat_policy: str = "none",
+                        scan_layers: bool = True) -> DecoderConfig:
     """The :class:`DecoderConfig` of a local checkpoint directory or a preset name.
 
     A directory with a ``config.json`` wins (read exactly as the checkpoint loader reads it);
@@ -139,11 +140,11 @@ def architecture_config(name_or_path: str | os.PathLike, *, dtype: str = "float3
     path = Path(str(name_or_path)).expanduser()
     if (path / "config.json").is_file():
         return DecoderConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype,
-                                             remat=remat)
+                                             remat_policy=remat_policy, scan_layers=scan_layers)
     key = str(name_or_path).lower()
     if key in PRESETS:
         return DecoderConfig.from_hf(PRESETS[key], dtype=dtype, param_dtype=param_dtype,
-                                     remat=remat)
+                                     remat_policy=remat_policy, scan_layers=scan_layers)
     where = ("is a directory without config.json" if path.is_dir()
              else "is not a local checkpoint directory")
     raise ValueError(f"{str(name_or_path)!r} {where} and not an architecture preset; "

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.decoder import Decoder, init_cache, positions_from_mask
-from ..sharding import batch_sharding, replicated, shard_batch
+from ..sharding import activation_layout, batch_sharding, replicated, shard_batch
 
 # ~1.5x apart: padding wastes at most a third of the compute, and a run still compiles only
 # a handful of programs
@@ -157,7 +157,8 @@ def _next_token(logits, key, temperature, top_p, *, greedy, top_k, use_top_p):
 class KVState(NamedTuple):
     """The sampler's KV cache after a generation, to continue the same rows later.
 
-    cache: per-layer :class:`LayerCache`, ``[batch, slots, kv_heads, head_dim]``.
+    cache: the stacked :class:`~amrsd_jax.models.decoder.KVCache`,
+      ``[layers, batch, slots, kv_heads, head_dim]``.
     kv_mask: ``[batch, slots]`` 1 for the slots holding the prompt and the response tokens
       (slots after a row stopped hold junk and are 0).
     next_pos: ``[batch]`` RoPE position of the row's next token (prompt + response length).
@@ -223,53 +224,56 @@ def _final_state(cache, context_mask, out: SampleOutput) -> KVState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p", "return_state"))
+                                             "use_top_p", "return_state", "mesh"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperature, top_p,
               new_token_limit, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
-              return_state=False):
-    model: Decoder = nnx.merge(graphdef, state)
-    batch, prompt_len = prompt_ids.shape
-    slots = prompt_len + max_new_tokens
-    pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+              return_state=False, mesh=None):
+    # activations (the stacked KV cache, q/k/v, logits) are pinned to `mesh` while tracing
+    with activation_layout(mesh):
+        model: Decoder = nnx.merge(graphdef, state)
+        batch, prompt_len = prompt_ids.shape
+        slots = prompt_len + max_new_tokens
+        pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
-    cache = init_cache(model.config, batch, slots)
-    kv_mask = jnp.concatenate(
-        [prompt_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
-    next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-    out, cache = _prefill_and_decode(
-        model, pick, prompt_ids, positions_from_mask(prompt_mask), cache, kv_mask, 0, next_pos,
-        key, stop_ids, temperature, top_p, new_token_limit, pad_id, max_new_tokens)
-    if not return_state:
-        return out
-    return out, _final_state(cache, prompt_mask, out)
+        cache = init_cache(model.config, batch, slots)
+        kv_mask = jnp.concatenate(
+            [prompt_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+        next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+        out, cache = _prefill_and_decode(
+            model, pick, prompt_ids, positions_from_mask(prompt_mask), cache, kv_mask, 0, next_pos,
+            key, stop_ids, temperature, top_p, new_token_limit, pad_id, max_new_tokens)
+        if not return_state:
+            return out
+        return out, _final_state(cache, prompt_mask, out)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p"))
+                                             "use_top_p", "mesh"))
 def _continue(graphdef, state, prior: KVState, rows, suffix_ids, suffix_mask, stop_ids, key,
               temperature, top_p, new_token_limit, pad_id, *, max_new_tokens, greedy, top_k,
-              use_top_p):
-    model: Decoder = nnx.merge(graphdef, state)
-    batch, suffix_len = suffix_ids.shape
-    pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    # the chosen rows' caches, with room for the suffix and the new tokens after them
-    extra = suffix_len + max_new_tokens
-    cache = jax.tree.map(
-        lambda c: jnp.pad(jnp.take(c, rows, axis=0),
-                          ((0, 0), (0, extra)) + ((0, 0),) * (c.ndim - 2)), prior.cache)
-    first = prior.kv_mask.shape[1]
-    kv_mask = jnp.concatenate([jnp.take(prior.kv_mask, rows, axis=0),
-                               suffix_mask.astype(jnp.int32),
-                               jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
-    start = jnp.take(prior.next_pos, rows)
-    # the suffix continues each row's positions; the hole between a row's last token and
-    # its (left-padded) suffix is masked out, so it costs compute but changes nothing
-    positions = start[:, None] + positions_from_mask(suffix_mask)
-    next_pos = start + jnp.sum(suffix_mask, axis=-1).astype(jnp.int32)
-    out, _ = _prefill_and_decode(model, pick, suffix_ids, positions, cache, kv_mask, first,
-                                 next_pos, key, stop_ids, temperature, top_p, new_token_limit,
-                                 pad_id, max_new_tokens)
-    return out
+              use_top_p, mesh=None):
+    with activation_layout(mesh):
+        model: Decoder = nnx.merge(graphdef, state)
+        batch, suffix_len = suffix_ids.shape
+        pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        # the chosen rows' caches, with room for the suffix and the new tokens after them
+        extra = suffix_len + max_new_tokens
+        cache = jax.tree.map(  # [layers, batch, slots, ...]: rows on axis 1, slots on axis 2
+            lambda c: jnp.pad(jnp.take(c, rows, axis=1),
+                              ((0, 0), (0, 0), (0, extra)) + ((0, 0),) * (c.ndim - 3)), prior.cache)
+        first = prior.kv_mask.shape[1]
+        kv_mask = jnp.concatenate([jnp.take(prior.kv_mask, rows, axis=0),
+                                   suffix_mask.astype(jnp.int32),
+                                   jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+        start = jnp.take(prior.next_pos, rows)
+        # the suffix continues each row's positions; the hole between a row's last token and
+        # its (left-padded) suffix is masked out, so it costs compute but changes nothing
+        positions = start[:, None] + positions_from_mask(suffix_mask)
+        next_pos = start + jnp.sum(suffix_mask, axis=-1).astype(jnp.int32)
+        out, _ = _prefill_and_decode(model, pick, suffix_ids, positions, cache, kv_mask, first,
+                                     next_pos, key, stop_ids, temperature, top_p, new_token_limit,
+                                     pad_id, max_new_tokens)
+        return out
 
 
 def _stop_matrix(stop_tokens, batch: int) -> np.ndarray:
@@ -333,7 +337,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
         ids, mask, stops = shard_batch((ids, mask, stops), mesh)
     graphdef, state = nnx.split(model)
     out = _generate(graphdef, state, ids, mask, stops, key, *_sampling_args(config, pad_id),
-                    **_static_args(config, new_tokens, return_state))
+                    **_static_args(config, new_tokens, return_state, mesh))
     if return_state:
         out, kv_state = out
         return _trim(out, config.max_new_tokens), kv_state
@@ -374,7 +378,8 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
     graphdef, state = nnx.split(model)
     out = _continue(graphdef, state, prior, rows, ids, mask, stops, key,
                     *_sampling_args(config, pad_id), max_new_tokens=new_tokens,
-                    greedy=config.is_greedy, top_k=config.top_k, use_top_p=config.top_p < 1.0)
+                    greedy=config.is_greedy, top_k=config.top_k, use_top_p=config.top_p < 1.0,
+                    mesh=mesh)
     return _trim(out, config.max_new_tokens)
 
 
@@ -395,13 +400,14 @@ def lower_generate(graphdef, state, batch: int, prompt_len: int, config: Samplin
     scalars = [jax.ShapeDtypeStruct((), a.dtype, sharding=rep)
                for a in jax.eval_shape(lambda: _sampling_args(config, 0))]
     return _generate.lower(graphdef, state, ids, ids, stops, key, *scalars,
-                           **_static_args(config, new_tokens, return_state))
+                           **_static_args(config, new_tokens, return_state, mesh))
 
 
-def _static_args(config: SamplingConfig, new_tokens: int, return_state: bool) -> dict:
-    """The compile-time arguments of :func:`_generate` for a sampling config."""
+def _static_args(config: SamplingConfig, new_tokens: int, return_state: bool, mesh) -> dict:
+    """The compile-time arguments of :func:`_generate` for a sampling config (and the mesh
+    its activations are laid out on, or ``None``)."""
     return dict(max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
-                use_top_p=config.top_p < 1.0, return_state=return_state)
+                use_top_p=config.top_p < 1.0, return_state=return_state, mesh=mesh)
 
 
 def _host_inputs(cfg, ids, mask, config: SamplingConfig, stop_tokens, pad_id, buckets):

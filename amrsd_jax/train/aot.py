@@ -19,7 +19,8 @@ set before JAX starts): :func:`main_dry_run` re-executes itself in a subprocess 
 flag when the current process has too few devices, so the check runs on a laptop.
 CPU-compiled memory is only an *estimate* of the TPU one: the program and its shardings are
 the same, but TPU layouts (tiling / padding) and fusion differ, XLA:CPU computes bf16 in f32
-and mostly ignores rematerialisation, so with ``model.remat`` it is a loose upper bound.
+and mostly ignores rematerialisation, so with ``model.remat_policy`` it is a loose upper
+bound.
 
 Command line (also reachable as ``python run.py train --config X --dry-run``)::
 
@@ -30,8 +31,9 @@ Command line (also reachable as ``python run.py train --config X --dry-run``)::
 ``key=value`` overrides go to the :class:`~amrsd_jax.train.config.TrainConfig`, except
 ``dry_run.hbm_gib=..``, ``dry_run.tpu=..``, ``dry_run.target=auto|cpu|tpu``,
 ``dry_run.devices=..``, ``dry_run.sampler=..`` and ``dry_run.json=..``, which set the
-options (so ``run.py train --dry-run`` needs no extra flags). Exit code: 0 fits, 1 does not
-fit, 2 configuration error.
+options (so ``run.py train --dry-run`` needs no extra flags). Exit code: 0 fits (or only
+the CPU upper-bound estimate is over the budget: reported as such, not conclusive), 1 does
+not fit on the TPU compiler's numbers, 2 configuration error.
 """
 
 from __future__ import annotations
@@ -92,14 +94,16 @@ ESTIMATE_NOTE = ("memory from XLA's compile of the same sharded programs for {pl
 
 # ----------------------------------------------------------------------------- architecture
 def resolve_architecture(name_or_path: str, *, dtype: str = "float32",
-                         param_dtype: str | None = None, remat: bool = False):
+                         param_dtype: str | None = None, remat_policy: str = "none",
+                         scan_layers: bool = True):
     """``(DecoderConfig, how it was found)`` for ``model.name``, without reading weights.
 
     A local checkpoint directory with ``config.json`` wins; then an exact preset name; then
     the preset whose name is contained in the path's last component (case-insensitive,
     longest match: ``/path/to/Qwen2.5-Math-1.5B-Instruct`` -> ``qwen2.5-math-1.5b-instruct``).
     """
-    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
+              scan_layers=scan_layers)
     path = Path(str(name_or_path)).expanduser()
     if (path / "config.json").is_file():
         return architecture_config(path, **kw), f"{path / 'config.json'}"
@@ -171,12 +175,13 @@ def hbm_budget(hbm_gib: float | None = None, tpu: str | None = None,
     if tpu is None:
         tpu = _generation_in(hint)
         if tpu is None:
-            return HBM_GIB[DEFAULT_TPU], f"TPU {DEFAULT_TPU} (default; set --hbm-gib or --tpu)"
+            return HBM_GIB[DEFAULT_TPU], (f"TPU {DEFAULT_TPU} (default; set dry_run.hbm_gib=<GiB> "
+                                          "or dry_run.tpu=<generation>)")
         return HBM_GIB[tpu], f"TPU {tpu} (from {Path(hint).name!r})"
     key = tpu.lower()
     if key not in HBM_GIB:
         raise ValueError(f"unknown TPU generation {tpu!r}; known: {sorted(HBM_GIB)} "
-                         "(or give --hbm-gib)")
+                         "(or give dry_run.hbm_gib=<GiB>)")
     return HBM_GIB[key], f"TPU {key}"
 
 
@@ -209,7 +214,8 @@ def _abstract_run(config, devices) -> _AbstractRun:
     mesh = make_mesh(*mesh_shape, devices=devices)
     arch, arch_source = resolve_architecture(config.model.name, dtype=config.model.dtype,
                                              param_dtype=config.model.param_dtype,
-                                             remat=config.model.remat)
+                                             remat_policy=config.model.remat_policy,
+                                             scan_layers=config.model.scan_layers)
     # shapes only: every parameter is a ShapeDtypeStruct, nothing is allocated
     model = nnx.eval_shape(lambda: Decoder(arch, rngs=nnx.Rngs(0)))
     method = config.make_method()
@@ -301,7 +307,8 @@ def _print_header(run: _AbstractRun, config_name: str, compile_only: bool, out) 
     out(f"           architecture: {run.arch_source}")
     out(f"           {arch.model_type}, {n_params / 1e9:.3f}B params, {arch.num_layers} layers,"
         f" hidden {arch.hidden_size}, vocab {arch.vocab_size}; params {arch.param_dtype}, "
-        f"compute {arch.dtype}, remat {'on' if arch.remat else 'off'}")
+        f"compute {arch.dtype}, remat {arch.remat_policy}, "
+        f"{'scanned' if arch.scan_layers else 'looped'} layers")
     out(f"  method   {config.method} (update batch: {fields})")
     out(f"  mesh     data={data} x fsdp={fsdp} x tensor={tensor} = {len(run.devices)} {kind} "
         "devices")
@@ -338,6 +345,10 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
     out(f"  peak per device: {peak * scale:.2f} {unit} ({programs[peak_name]['label']})")
     verdict = (f"FITS, {budget - peak:.2f} GiB to spare" if peak <= budget
                else f"DOES NOT FIT, over by {peak - budget:.2f} GiB")
+    if peak > budget and run.platform == "cpu":
+        # XLA:CPU's memory is an upper bound of the TPU's: over budget is not conclusive
+        verdict += (" on the CPU upper-bound estimate (not conclusive: compile for the TPU "
+                    "with pip install 'amrsd_jax[tpu-aot]' and dry_run.target=tpu)")
     out(f"  HBM budget: {budget:.1f} GiB per device [{budget_source}] -> {verdict}")
     _print_notes(run, out)
     out(f"  dry run wall time {wall:.1f}s")
@@ -347,11 +358,11 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
 def _print_notes(run: _AbstractRun, out) -> None:
     if run.platform == "cpu":
         out("  note: " + ESTIMATE_NOTE.format(platform="CPU"))
-        if run.arch.remat:
+        if run.arch.remat_policy != "none":
             out("  note: XLA:CPU mostly ignores rematerialisation (jax.checkpoint / "
-                "model.remat) and computes bf16 in f32, so the update step's CPU temp memory "
+                "model.remat_policy) and computes bf16 in f32, so the update step's CPU temp memory "
                 "is a loose upper bound, often several times the TPU compiler's; install "
-                "libtpu for the TPU's own numbers (--target tpu; v5e / v6e)")
+                "libtpu for the TPU's own numbers (dry_run.target=tpu; v5e / v6e)")
     else:
         out(f"  note: compiled by the {run.devices[0].device_kind} compiler (XLA's memory "
             "analysis of the real program); runtime overheads (allocator fragmentation, "
@@ -390,7 +401,8 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
         "model": {"name": config.model.name, "architecture": run.arch_source,
                   "model_type": arch.model_type, "params": run.n_params,
                   "num_layers": arch.num_layers, "param_dtype": arch.param_dtype,
-                  "dtype": arch.dtype, "remat": arch.remat},
+                  "dtype": arch.dtype, "remat_policy": arch.remat_policy,
+                  "scan_layers": arch.scan_layers},
         "method": config.method,
         "mesh": dict(zip(("data", "fsdp", "tensor"), run.mesh_shape)),
         "devices": len(run.devices), "platform": run.platform,
@@ -488,7 +500,8 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
     ``target``: ``tpu`` compiles with libtpu for a compile-only TPU topology (v5e / v6e),
     ``cpu`` on fake CPU devices, ``auto`` (default) the former when possible.
 
-    Returns 0 if the run fits the HBM budget, 1 if not, 2 for a configuration error.
+    Returns 0 if the run fits the HBM budget (or only the CPU upper-bound estimate is over
+    it), 1 if it does not fit on the TPU compiler's numbers, 2 for a configuration error.
     """
     try:
         rest, opts = split_options(overrides)
@@ -545,7 +558,7 @@ def _tpu_devices(target: str, generation: str | None, n: int, out):
         out(f"[dry run] libtpu could not make a {generation} topology ({e}); using fake CPU "
             "devices")
     if target == "tpu" and devices is None:
-        raise ValueError(f"--target tpu needs the libtpu package and a TPU generation among "
+        raise ValueError(f"dry_run.target=tpu needs the libtpu package and a TPU generation among "
                          f"{sorted(_TPU_TOPOLOGIES)} with a chip count among "
                          f"{sorted(_GRID_2D)} (got {generation!r}, {n} chips)")
     return devices
@@ -569,7 +582,7 @@ def _report(config, devices, config_path, hbm_gib, tpu, sampler, json_path, out,
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2))
         out(f"  wrote {json_path}")
-    return 0 if report["fits"] else 1
+    return 0 if report["fits"] or report["estimate"] else 1
 
 
 def _option_overrides(hbm_gib, tpu, sampler, json_path) -> list[str]:
