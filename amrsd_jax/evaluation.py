@@ -26,8 +26,10 @@ import jax
 import numpy as np
 
 from .data.arithmetic import render_prompt
-from .rewards.math_verifier import extract_answer, score_batch
+from .distributed import to_host
+from .rewards.math_verifier import extract_answer
 from .rollout.prompts import encode_chat
+from .rollout.records import verify
 from .rollout.sampler import SamplingConfig, generate, resolve_pad_id, resolve_stop_ids
 
 __all__ = ["EvalReport", "EvalSettings", "evaluate", "pass_at_k"]
@@ -164,11 +166,11 @@ def _run(model, ids: np.ndarray, mask: np.ndarray, key: jax.Array, config: Sampl
 
     def finish(item):
         out, real = item
-        d = _decode(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths), stop_set, real)
+        d = _decode(tokenizer, to_host(out.tokens), to_host(out.lengths), stop_set, real)
         result.responses += d.responses
         result.lengths += d.lengths
         result.finished += d.finished
-        bar.update(1)
+        bar.update(real // per_question)  # questions, not padded rows
 
     for b, start in enumerate(range(0, num, q_per_call)):
         idx = np.arange(start, min(start + q_per_call, num))
@@ -224,12 +226,12 @@ def evaluate(model, tokenizer, examples: Sequence[dict], key: jax.Array,
         runs.append(("greedy", 1, settings.sampling_config(greedy=True), key))
     if k:
         runs.append(("sampled", k, settings.sampling_config(greedy=False), key))
-    total = sum(-(-num_q // _batch_rows(settings.batch_size, per_q, mesh)[0])
-                for _, per_q, _, _ in runs)
-
     decoded: dict[str, _Decoded] = {}
-    with tqdm(total=total, desc="eval", unit="batch", disable=not progress) as bar:
+    # one pass over the questions per decoding mode (greedy, then sampled)
+    with tqdm(total=num_q * len(runs), desc=f"eval {runs[0][0]}", unit="question",
+              disable=not progress, dynamic_ncols=True) as bar:
         for name, per_q, config, run_key in runs:
+            bar.set_description(f"eval {name}")
             if num_q:
                 decoded[name] = _run(model, enc.ids, enc.mask, run_key, config, per_q,
                                      settings.batch_size, stops, pad_id, mesh, tokenizer, bar)
@@ -240,10 +242,11 @@ def evaluate(model, tokenizer, examples: Sequence[dict], key: jax.Array,
         if not num_q:
             continue
         d = decoded[name]
-        results, n_err = score_batch(settings.reward, d.responses,
-                                     [g for g in golds for _ in range(per_q)])
-        errors += n_err
-        rewards = [float(r.reward) for r in results]
+        # each process verifies its share of the rows; every process gets all verdicts
+        verified = verify(d.responses, [g for g in golds for _ in range(per_q)],
+                          reward=settings.reward)
+        errors += verified.errors
+        rewards = [float(r.reward) for r in verified.results]
         scored[name] = (rewards, [r >= settings.success_threshold for r in rewards])
 
     truncated_rows = set()

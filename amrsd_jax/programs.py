@@ -8,21 +8,23 @@ The trainer, the dry run, test-time self-distillation and the benchmarks all cal
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from .batch import UpdateBatch
-from .distributed import to_host
+from .distributed import check_agreement, placed, to_host
 from .methods.base import Method
 from .models.decoder import Decoder
 from .rollout.sampler import (KVState, SampleOutput, SamplingConfig, continue_generation,
                               generate, lower_generate)
 from .scoring import make_scorer
-from .sharding import state_shardings
+from .sharding import shard_batch, state_shardings
 from .update import StepConfig, TrainState, init_train_state, make_update_step, place_state
 
 
@@ -76,6 +78,7 @@ class Programs:
                keep_cache: bool = False) -> SampleOutput | tuple[SampleOutput, KVState]:
         """Host-side :class:`SampleOutput` of the policy ``params``; with ``keep_cache``
         also the device-side :class:`KVState` to continue these rows (:meth:`continue_`)."""
+        check_agreement("the sampler's input shape", np.shape(prompt_ids))
         nnx.update(self.model, params)
         out = generate(self.model, prompt_ids, prompt_mask, key, sampling,
                        stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
@@ -87,6 +90,7 @@ class Programs:
     def continue_(self, params, kv_state: KVState, rows, suffix_ids, suffix_mask, key,
                   sampling: SamplingConfig) -> SampleOutput:
         """Continue ``rows`` of an earlier :meth:`sample` after ``suffix`` tokens (host)."""
+        check_agreement("the continuation's input shape", np.shape(suffix_ids))
         nnx.update(self.model, params)
         out = continue_generation(self.model, kv_state, rows, suffix_ids, suffix_mask, key,
                                   sampling, stop_tokens=self.stop_ids, pad_id=self.pad_id,
@@ -118,5 +122,9 @@ def build_programs(model: Decoder, mesh: Mesh, *, step: StepConfig,
                  if batch.entropy is not None else score)
     extra = method.extra_programs(ProgramBuilder(graphdef, other, mesh, pad_id,
                                                  step.vocab_chunk))
+    # host rows (prompts, responses, masks) go on the mesh batch-first on every process
+    on_mesh = functools.partial(placed, place=functools.partial(shard_batch, mesh=mesh))
+    score, score_old = on_mesh(score), on_mesh(score_old)
+    extra = {name: on_mesh(fn) for name, fn in extra.items()}
     return Programs(model, mesh, step, optimizer, update, state_sharding, score, score_old,
                     extra, batch, int(pad_id), sorted(int(i) for i in stop_ids))

@@ -2,13 +2,20 @@
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded weights
 and optimizer state) and ``tensor`` (model parallel over heads / mlp / vocab).
-Parameters carry logical names (see :mod:`amrsd_jax.models.decoder`); activations use
-``batch``. A dimension that a mesh axis does not divide is left replicated rather than
-failing, so tiny test models run on any mesh.
+Parameters carry logical names (see :mod:`amrsd_jax.models.decoder`; stacked layers add a
+leading ``layers`` axis, never split). Activations are pinned with :func:`constrain` to
+logical names too (``batch``, ``sequence``, ``activation_embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``vocab``), at the places where XLA's propagation would otherwise be
+free to choose a worse layout (layer boundaries, q/k/v, the MLP hidden, logits, the KV
+cache); they take effect inside :func:`activation_layout` (the update step, the scorers, the
+sampler enter it while tracing). A dimension that a mesh axis does not divide is left
+replicated rather than failing, so tiny test models run on any mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -17,6 +24,8 @@ import numpy as np
 from flax import nnx
 from flax.core.spmd import apply_rules
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from .distributed import global_arrays, put_global
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -29,6 +38,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis: every device runs every layer
+    # activation-only axes
+    ("sequence", None),
+    ("activation_embed", None),
+    ("head_dim", None),
 )
 
 
@@ -100,7 +114,7 @@ def shard_batch(x, mesh: Mesh, rules=DEFAULT_RULES):
     def put(a):
         a = np.asarray(a) if not isinstance(a, jax.Array) else a
         spec = _fit_spec(P(dict(rules)["batch"]), a.shape, mesh) if a.ndim else P()
-        return jax.device_put(a, NamedSharding(mesh, spec))
+        return put_global(a, NamedSharding(mesh, spec))
     return jax.tree.map(put, x)
 
 
@@ -111,6 +125,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
     """Move every parameter of ``model`` onto ``mesh`` following ``rules`` (in place)."""
     state = nnx.state(model)
-    sharded = jax.device_put(state, state_shardings(state, mesh, rules))
+    # put_global: on a pod each process transfers only its own devices' slices
+    sharded = global_arrays(state, state_shardings(state, mesh, rules))
     nnx.update(model, sharded)
     return model
+
+
+# (mesh, rules) that constrain() pins activations to while a program is traced
+_ACTIVATION_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("activation_layout",
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh | None, rules=DEFAULT_RULES):
+    """Within this block :func:`constrain` pins activations onto ``mesh`` (``None``: off).
+
+    Enter it inside the traced function (its Python body), so that the constraints are part
+    of exactly the programs built for ``mesh``.
+    """
+    token = _ACTIVATION_LAYOUT.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` with a sharding constraint from its logical axis ``names`` (one per dimension)
+    under the active :func:`activation_layout`; unchanged outside one."""
+    layout = _ACTIVATION_LAYOUT.get()
+    if layout is None:
+        return x
+    mesh, rules = layout
+    if len(names) != x.ndim:
+        raise ValueError(f"logical names {tuple(names)} do not match an array of shape {x.shape}")
+    spec = logical_to_spec(names, tuple(x.shape), mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,4 +1,4 @@
-"""Test-time self-distillation (TTSD, SPEC.md "Test-time self-distillation").
+"""Test-time self-distillation (TTSD, docs/methods.md, "TTSD").
 
 For one hard question with a binary verifier::
 
@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from .batch import UpdateBatch, abstract_batch, make_batch
+from .distributed import to_host
 from .losses.policy import PolicyLossConfig
 from .losses.sdpo import SDPOConfig
 from .methods.base import TeacherPolicy
@@ -69,7 +70,7 @@ class TTSDSettings:
       max_rounds: rounds before giving up (budget ``k * max_rounds`` attempts).
       update: ``False`` = best-of-k baseline (same rounds and keys, no SDPO steps).
       learning_rate / max_grad_norm / weight_decay: AdamW of the step (fresh per question).
-      steps_per_round: SDPO steps on each failed round's batch (SPEC: 1).
+      steps_per_round: SDPO steps on each failed round's batch (default 1).
       ema_rate / teacher_weights: SDPO's EMA teacher (``frozen`` = the initial model).
       feedback: ``own`` (SDPO: each attempt's teacher sees that attempt's feedback) or
         ``round`` (each teacher sees the distinct feedback of all ``k`` attempts).
@@ -302,7 +303,7 @@ class TTSD:
         resp = np.array([ids], np.int32)
         lp, _ = self.programs.score(nnx.state(self.model, nnx.Param), p_ids, p_mask, resp,
                                     np.ones_like(resp))
-        return float(np.asarray(lp).sum())
+        return float(to_host(lp).sum())
 
     # ------------------------------------------------------------------ the loop
     def run(self, question: str, answer: str, key: jax.Array, *, restore: bool = True,

@@ -7,9 +7,12 @@ follow the logical-axis rule table, the :class:`~amrsd_jax.batch.UpdateBatch` is
 
 1. GRPO advantages ``A [B]`` from ``rewards`` (groups are contiguous rows of ``G``);
 2. per-token advantages ``Ahat [B, N]`` from the method (``method.token_advantages``);
-3. the loss over ``micro_batches`` slices with the global normaliser: the clipped policy
-   gradient (:func:`amrsd_jax.losses.policy.policy_gradient_loss`) plus the method's
+3. the loss over ``micro_batches`` strided slices with the global normaliser: the clipped
+   policy gradient (:func:`amrsd_jax.losses.policy.policy_gradient_loss`) plus the method's
    ``extra_loss``, gradients summed in a ``lax.scan`` (exactly the big-batch gradient);
+   micro-batch ``j`` is rows ``j, j+k, j+2k, ...``, so it stays spread over every
+   ``data`` x ``fsdp`` device (a contiguous slice would live on 1/k of them, and XLA would
+   move it around or compute it redundantly: ``run.py bench scale``);
 4. the optax update, skipped when the gradients are not finite (``optax.apply_if_finite``),
    and the method's teacher refresh (``method.refresh_teacher``, e.g. SDPO's EMA).
 
@@ -30,11 +33,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .batch import UpdateBatch
 from .credit.grpo import grpo_advantages
+from .distributed import global_arrays
 from .losses.policy import PolicyLossConfig, loss_normalizer, policy_gradient_loss
 from .methods.base import Method
 from .models.decoder import Decoder
 from .scoring import response_logprobs
-from .sharding import DEFAULT_RULES, state_shardings
+from .sharding import DEFAULT_RULES, activation_layout, constrain, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +122,18 @@ def init_train_state(model: Decoder, optimizer: optax.GradientTransformation) ->
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def _split_micro(x: jax.Array, k: int) -> jax.Array:
+def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """``[k * m, ...] -> [k, m, ...]``, micro-batch ``j`` = rows ``j, j + k, j + 2k, ...``.
+
+    Strided, not contiguous: the batch axis is split over the data devices in contiguous
+    blocks, so a strided micro-batch has ``m / devices`` rows on every device (reshape to
+    ``[m, k]`` and swap: a local transpose, no communication), while a contiguous one would
+    sit on ``1 / k`` of them. Any row order gives the same summed gradient.
+    """
     if x.shape[0] % k:
         raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    strided = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(strided, (None, "batch") + (None,) * (x.ndim - 1))
 
 
 def _loss_fn(params, other, graphdef, micro: UpdateBatch, token_adv, normalizers,
@@ -146,11 +158,13 @@ def _loss_fn(params, other, graphdef, micro: UpdateBatch, token_adv, normalizers
 
 def _accumulate_gradients(state: TrainState, other, graphdef, batch: UpdateBatch, token_adv,
                           cfg: StepConfig, teacher_params):
-    """``(grads, loss, sums)`` over ``cfg.micro_batches`` slices of the batch (a scan)."""
+    """``(grads, loss, sums)`` over ``cfg.micro_batches`` strided slices of the batch (a
+    scan; see :func:`split_micro_batches`)."""
     mask = batch.response_mask
     normalizers = (loss_normalizer(mask, cfg.policy.aggregation),
                    cfg.method.extra_loss_normalizer(batch, cfg.policy.aggregation))
-    micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), (batch, token_adv))
+    micro = jax.tree.map(lambda x: split_micro_batches(x, cfg.micro_batches),
+                         (batch, token_adv))
 
     def loss_of(params, mb):
         return _loss_fn(params, other, graphdef, mb[0], mb[1], normalizers, cfg, teacher_params)
@@ -234,7 +248,9 @@ def make_update_step(model: Decoder, optimizer: optax.GradientTransformation, cf
     other_sh = jax.tree.map(lambda _: replicated, other)
 
     def fn(state, batch, teacher, other):
-        return update_step(graphdef, other, optimizer, cfg, state, batch, teacher)
+        # activations are pinned to the mesh while this program is traced
+        with activation_layout(mesh, rules):
+            return update_step(graphdef, other, optimizer, cfg, state, batch, teacher)
 
     jitted = jax.jit(fn, in_shardings=(state_sh, batch.shardings(mesh, rules), teacher_sh,
                                        other_sh),
@@ -264,5 +280,6 @@ def _opt_state_shardings(opt_state, params, param_sh, replicated):
 
 
 def place_state(state: TrainState, state_sharding) -> TrainState:
-    """Put a (host or single-device) train state onto the mesh."""
-    return jax.device_put(state, state_sharding)
+    """Put a (host or single-device) train state onto the mesh (on a pod each process
+    transfers only its own devices' slices)."""
+    return global_arrays(state, state_sharding)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..distributed import map_rows
 from ..reflection.contexts import select_peer
 from ..rewards import VerifierResult, score_batch
 from .sampler import KVState, SampleOutput
@@ -33,17 +34,42 @@ class Verified:
     errors: int
 
 
+def _to_json(result: VerifierResult | None) -> list | None:
+    return None if result is None else list(dataclasses.astuple(result))
+
+
+def _from_json(row: list | None) -> VerifierResult | None:
+    if row is None:
+        return None
+    result = VerifierResult(*row)
+    span = result.answer_span
+    return result if span is None else dataclasses.replace(result, answer_span=tuple(span))
+
+
 def verify(texts: Sequence[str], golds: Sequence[str], *, reward: str = "math",
            format_weight: float = 0.0, success_threshold: float = 1.0,
            timeout_s: float = 1.0, wall_timeout_s: float | None = None) -> Verified:
     """Score every rollout; a failing, hanging or garbage-returning reward call gives
-    reward 0 and is counted (``errors``)."""
-    results, errors = score_batch(reward, texts, golds, timeout_s=timeout_s,
-                                  wall_timeout_s=wall_timeout_s)
+    reward 0 and is counted (``errors``). On a pod each process verifies its share of the
+    rows and every process receives all verdicts (:func:`~amrsd_jax.distributed.map_rows`).
+    """
+    if len(texts) != len(golds):
+        raise ValueError(f"got {len(texts)} responses but {len(golds)} gold answers")
+
+    def score_rows(rows: Sequence[int]) -> list[list]:  # [reward result, format result]
+        mine, gold = [texts[i] for i in rows], [golds[i] for i in rows]
+        results, _ = score_batch(reward, mine, gold, timeout_s=timeout_s,
+                                 wall_timeout_s=wall_timeout_s)
+        fmt = score_batch("format", mine, gold)[0] if format_weight else [None] * len(rows)
+        return [[_to_json(r), _to_json(f)] for r, f in zip(results, fmt)]
+
+    pairs = [[_from_json(r), _from_json(f)] for r, f in map_rows(score_rows, range(len(texts)))]
+    results = [r for r, _ in pairs]
+    errors = sum(r.error is not None for r in results)
     rewards = np.array([r.reward for r in results], np.float32)
     if format_weight:
-        fmt, fmt_errors = score_batch("format", texts, golds)
-        errors += fmt_errors
+        fmt = [f for _, f in pairs]
+        errors += sum(f.error is not None for f in fmt)
         rewards = (rewards + format_weight * np.array([r.reward for r in fmt], np.float32)) \
             / (1.0 + format_weight)
     correct = np.array([r.reward >= success_threshold and r.error is None for r in results])

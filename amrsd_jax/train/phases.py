@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from ..batch import UpdateBatch, make_batch
-from ..distributed import global_arrays
+from ..distributed import check_agreement, global_arrays
 from ..methods.base import Method, MethodContext, TeacherInputs
 from ..programs import Programs
 from ..rollout.prompts import left_padded
@@ -159,6 +159,8 @@ def update_phase(programs: Programs, state: TrainState, teacher_params,
                          f"this batch has {list(batch.present)} (a method's score hook must "
                          "fill exactly the fields it declares)")
     batch = make_batch(**{k: getattr(batch, k) for k in batch.present})
+    check_agreement("the update batch's shapes",
+                    {k: np.shape(getattr(batch, k)) for k in batch.present})
     batch = global_arrays(batch, batch.shardings(programs.mesh))
     state, teacher_params, device_metrics = programs.update(state, batch, teacher_params)
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
