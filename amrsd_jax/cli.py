@@ -1,4 +1,4 @@
-"""Command line: ``python run.py {train, eval, generate, bench} ...``.
+"""Command line: amrsd {train, eval, generate, export, bench, ttsd} ... (= python run.py ...).
 
 Subcommands import their heavy dependencies lazily so ``--help`` is instant.
 """
@@ -10,6 +10,8 @@ import importlib
 import sys
 import time
 from pathlib import Path
+
+from .config import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -23,16 +25,26 @@ def _lazy(module: str):
     return run
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a clear one-line usage error instead of a crash deep inside."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample responses from a model (offline default: the "
                                         "bundled SmolLM2-135M-Instruct)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundled model name or local Hugging Face checkpoint directory")
+                   help="bundled model name, local Hugging Face checkpoint directory, or a "
+                        "training run's output_dir (its latest checkpoint)")
     p.add_argument("--prompt", action="append", default=None,
                    help="user message (repeatable); default: three arithmetic questions")
     p.add_argument("--system", default=None, help="optional system prompt")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-samples", type=_positive_int, default=1, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                   help="response length cap (prompt + response must fit the model's context)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -96,6 +108,7 @@ def _add_bench(sub):
                         "compare's (<its out>/xla_cache) to keep compilation out of the timing")
     o.add_argument("--out", default="bench_results/overhead.json")
     o.set_defaults(func=_lazy("bench.overhead"))
+    _add_bench_scale(bsub)
     _add_bench_ttsd(bsub)
     v = bsub.add_parser("verifier", help="math verifiers on labelled cases: accuracy, false "
                                          "positives and us/call of math-verify alone and of "
@@ -110,6 +123,13 @@ def _add_bench(sub):
     v.add_argument("--limit", type=int, default=0, help="only the first N cases (0 = all)")
     v.add_argument("--out", default="bench_results/verifier.json")
     v.set_defaults(func=_lazy("bench.verifier"))
+    x = bsub.add_parser("sandbox", help="sandboxed code executions per second at 1 and 2 "
+                                        "workers, and the overhead over a bare `python -c`")
+    x.add_argument("--runs", type=_positive_int, default=40, help="executions per row")
+    x.add_argument("--workers", default="1,2", help="comma list of pool sizes")
+    x.add_argument("--isolation", default="auto", choices=["auto", "strict", "basic"])
+    x.add_argument("--out", default="bench_results/sandbox.json")
+    x.set_defaults(func=_lazy("bench.sandbox"))
 
 
 def _ttsd_options(p, *, k, rounds, lr, new_tokens):
@@ -145,6 +165,31 @@ def _add_ttsd(sub):
     p.set_defaults(func=_lazy("ttsd"))
 
 
+def _add_bench_scale(bsub):
+    c = bsub.add_parser("scale", help="update step vs depth (compile time, HLO size: looped vs "
+                                      "scanned layers) and per-device FLOPs / memory "
+                                      "(strided vs contiguous micro-batches, remat policies), "
+                                      "compiled ahead of time from shapes")
+    c.add_argument("--model", default="qwen2.5-math-1.5b", help="architecture preset")
+    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    c.add_argument("--layers", default="2,8,32", help="depths to compile (comma list; empty: "
+                                                      "skip the depth sweep)")
+    c.add_argument("--layer-layouts", default="loop,scan",
+                   help="layer layouts of the depth sweep (comma list of loop, scan)")
+    c.add_argument("--mesh", default="2,4,1", help="data,fsdp,tensor (fake CPU devices)")
+    c.add_argument("--rows", type=int, default=32)
+    c.add_argument("--prompt-tokens", type=int, default=256)
+    c.add_argument("--response-tokens", type=int, default=256)
+    c.add_argument("--micro-batches", type=int, default=4)
+    c.add_argument("--remat-policies", default="none,full,save_dots",
+                   help="remat policies of the layout table (comma list)")
+    c.add_argument("--skip-layout", action="store_true", help="only the depth sweep")
+    c.add_argument("--tpu", default=None, choices=["v5e", "v6e"],
+                   help="compile for a TPU topology with libtpu instead of fake CPU devices")
+    c.add_argument("--out", default="bench_results/scale.json")
+    c.set_defaults(func=_lazy("bench.scale"))
+
+
 def _add_bench_ttsd(bsub):
     t = bsub.add_parser("ttsd", help="test-time self-distillation vs best-of-k: attempts to "
                                      "first success on hard held-out questions")
@@ -165,22 +210,40 @@ DEFAULT_PROMPTS = (
 )
 
 
+def _load_generate_model(name: str, dtype: str):
+    """(model, tokenizer, description): a run directory gives its trained policy."""
+    from .models import load_model
+    from .models.export import find_run_dir, load_trained_policy
+
+    if find_run_dir(name) is not None:
+        policy = load_trained_policy(name, dtype=dtype)
+        return policy.model, policy.tokenizer, policy.describe()
+    model, tokenizer = load_model(name, dtype=dtype)
+    return model, tokenizer, name
+
+
 def cmd_generate(args) -> int:
     import jax
     import numpy as np
 
-    from .models import load_model
     from .models.tokenizer import apply_chat_template, encode_prompts
     from .rollout.sampler import SamplingConfig, generate, resolve_pad_id, resolve_stop_ids
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s "
+    model, tokenizer, described = _load_generate_model(args.model, args.dtype)
+    print(f"loaded {described} in {time.perf_counter() - t0:.1f}s "
           f"({model.config.num_params() / 1e6:.0f}M params, {args.dtype})", file=sys.stderr)
     prompts = list(args.prompt or DEFAULT_PROMPTS)
     texts = apply_chat_template(tokenizer, prompts, system_prompt=args.system)
     texts = [t for t in texts for _ in range(args.num_samples)]
     enc = encode_prompts(tokenizer, texts)
+    context = model.config.max_position_embeddings
+    if enc["input_ids"].shape[1] + args.max_new_tokens > context:
+        raise ConfigError(
+            f"--max-new-tokens {args.max_new_tokens} + the longest prompt "
+            f"({enc['input_ids'].shape[1]} tokens) exceeds the model's context of {context} "
+            f"tokens; use --max-new-tokens {max(context - enc['input_ids'].shape[1], 0)} "
+            "or less")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k)
     t0 = time.perf_counter()
@@ -214,18 +277,37 @@ def _add_train(sub):
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved config (YAML, with every default the method "
                         "brings) and exit")
+    _add_debug(p)
     p.set_defaults(func=cmd_train)
 
 
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="held-out pass@1 (greedy, sampled) and pass@k of a model")
-    p.add_argument("--config", default="configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--checkpoint", default=None,
+    p = sub.add_parser("eval", help="held-out pass@1 (greedy, sampled) and pass@k of a model "
+                                    "or of a trained run")
+    p.add_argument("--config", default=None,
+                   help=f"YAML training config (default: the run's own config.json with "
+                        f"--checkpoint, else {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. data.eval_size=64 eval.num_samples=8")
+    p.add_argument("--checkpoint", default=None, metavar="RUN",
                    help="a run's output_dir (or its checkpoints dir): evaluate its latest "
-                        "orbax checkpoint instead of the config's initial model")
-    p.add_argument("--out", default=None, help="write metrics and per-question records (JSON)")
+                        "checkpoint with the run's own model, data, reward and eval settings; "
+                        "metrics go to RUN/eval/")
+    p.add_argument("--out", default=None, help="write the metrics (JSON)")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a trained run's policy as a Hugging Face "
+                                      "checkpoint (safetensors, tokenizer, chat template)")
+    p.add_argument("run", metavar="RUN", help="a run's output_dir (or its checkpoints dir)")
+    p.add_argument("out", metavar="OUT", help="new directory for the Hugging Face checkpoint")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step to export (default: the latest)")
+    p.set_defaults(func=cmd_export)
 
 
 def _plain(value):
@@ -249,6 +331,8 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
+    """Exit codes: 0 done, 2 bad settings (before anything is loaded), 3 stopped after
+    non-finite steps, 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint."""
     if args.print_config:
         import yaml
 
@@ -264,7 +348,10 @@ def cmd_train(args) -> int:
     config = _load_config(args)
     if config is None:
         return 2
-    from .train.trainer import TrainingStopped, train
+    from .train.config import check_run_inputs
+
+    check_run_inputs(config, resume=args.resume)  # ConfigError: one line from main(), rc 2
+    from .train.trainer import RunInterrupted, TrainingStopped, train
 
     t0 = time.perf_counter()
     try:
@@ -272,9 +359,10 @@ def cmd_train(args) -> int:
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RunInterrupted as e:
+        print(f"stopped at step {e.step} of {config.steps} on {e.signal_name}; checkpoint "
+              f"saved in {config.output_dir}; resume with --resume", file=sys.stderr)
+        return e.exit_code
     history = summary["history"]
     if history:
         first, last = history[: min(5, len(history))], history[-min(5, len(history)):]
@@ -292,42 +380,137 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _eval_config(args):
+    """(config, where it came from): a run is evaluated with its own config unless
+    ``--config`` is given; its metrics go to ``<run>/eval/`` either way."""
+    from .models.export import RUN_CONFIG, find_run_dir, load_run_config
+    from .train.config import load_train_config
+
+    if args.checkpoint is None:
+        config_path = args.config or DEFAULT_CONFIG
+        return load_train_config(config_path, args.overrides), config_path, None
+    run_dir = find_run_dir(args.checkpoint)
+    if run_dir is None:
+        raise FileNotFoundError(f"{args.checkpoint} is not a training run directory: expected "
+                                f"{RUN_CONFIG} and checkpoints/ (the output_dir of a train run); "
+                                "evaluate a Hugging Face checkpoint with model.name=DIR")
+    if args.config is None:
+        return load_run_config(run_dir, args.overrides), run_dir / RUN_CONFIG, run_dir
+    overrides = [*args.overrides, f"output_dir={run_dir}"]
+    return load_train_config(args.config, overrides), args.config, run_dir
+
+
 def cmd_eval(args) -> int:
-    config = _load_config(args)
-    if config is None:
-        return 2
     import json
 
     from .train.trainer import Trainer
 
+    config, config_path, run_dir = _eval_config(args)
+    print(f"config: {config_path}", file=sys.stderr)
     trainer = Trainer(config, evaluate_only=True)
-    if args.checkpoint:
-        trainer.restore_weights(args.checkpoint)
-    metrics = trainer.evaluate(trainer.start_step)
+    try:
+        if run_dir is not None:
+            try:
+                step = trainer.restore_weights(run_dir)
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # orbax's tree mismatch runs to hundreds of lines
+                raise ValueError(
+                    f"the checkpoint in {run_dir} does not fit {config.model.name} with the "
+                    f"optimizer of {config_path} ({type(e).__name__}); evaluate it with its "
+                    "own config (leave out --config)") from None
+            print(f"evaluating {run_dir} at step {step} ({config.method} on "
+                  f"{config.model.name})", file=sys.stderr)
+        else:
+            print(f"evaluating {config.model.name} (untrained)", file=sys.stderr)
+        metrics = trainer.evaluate(trainer.start_step, progress=True)
+    finally:
+        trainer.close()
     if metrics is None:
         print("no held-out examples configured (data.eval_size / data.eval_path)",
               file=sys.stderr)
         return 2
     for k, v in metrics.items():
         print(f"{k:>24s}  {v:.4f}" if isinstance(v, float) else f"{k:>24s}  {v}")
+    print(f"metrics appended to {trainer.metrics.path}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2))
-    trainer.close()
     return 0
 
 
+def cmd_export(args) -> int:
+    from .models.export import check_export_target, export_hf_checkpoint, load_trained_policy
+
+    check_export_target(args.out)  # before minutes of loading
+    t0 = time.perf_counter()
+    policy = load_trained_policy(args.run, step=args.step)
+    print(f"exporting {policy.describe()}", file=sys.stderr)
+    out = export_hf_checkpoint(policy, args.out)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f}s): load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
+          f"`generate --model {out}`")
+    return 0
+
+
+def _add_debug(parser) -> None:
+    # SUPPRESS: a subcommand's copy of the flag must not reset the top-level one
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    # prog: argparse's default, the name it was started as (`run.py` or the `amrsd` script)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_export(sub)
     _add_bench(sub)
     _add_ttsd(sub)
     return parser
 
 
+# errors in what the user gave (a setting, a path, an existing run): exit code 2
+USER_ERRORS = (ConfigError, FileExistsError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args`` that also takes ``key=value`` overrides after a flag
+    (``train steps=1 --resume seed=2``): argparse fills a ``nargs="*"`` positional from its
+    first run of values only, so later ones come back unrecognised and are appended here."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += late
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    args = parse_args(build_parser(), argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # outside the training loop, which saves and exits 130 itself
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on request
+        if args.debug:
+            raise
+        if isinstance(e, USER_ERRORS):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1

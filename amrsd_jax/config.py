@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -110,7 +111,11 @@ def build(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+        # a message that starts with its key ("rollout.top_p=5.0: ...") needs no prefix
+        message, where = str(e), prefix.rstrip(".") or cls.__name__
+        named = message.startswith(prefix) if prefix else \
+            re.match(r"\w*", message).group(0) in fields
+        raise ConfigError(message if named else f"{where}: {message}") from e
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -141,16 +146,40 @@ def _merge(base: dict, extra: Mapping) -> dict:
     return merged
 
 
+# the repository's configs/ shipped inside the package (amrsd_jax/configs links to it), so
+# `configs/quickstart.yaml` is found from any working directory and from an installed wheel
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` if it exists, else the bundled config it names (``configs/x.yaml`` or
+    ``x.yaml``, relative to :data:`BUNDLED_CONFIGS`), else ``path`` unchanged."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    bundled = BUNDLED_CONFIGS.joinpath(*parts)
+    return bundled if parts and bundled.is_file() else path
+
+
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
     """A YAML mapping (``safe_load``); a top-level ``base: other.yaml`` (relative to this
     file) is loaded first and this file's keys are merged over it, so a per-method config
-    can differ from a shared one in a single line."""
-    path = Path(path)
+    can differ from a shared one in a single line. A relative ``path`` that does not exist
+    is looked up among the bundled configs (:func:`find_config`)."""
+    path = find_config(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in _seen:
         raise ConfigError(f"config {path} includes itself through 'base'")
-    loaded = yaml.safe_load(path.read_text())
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:  # e.g. a !!python tag: safe_load refuses to construct it
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: {problem}; configs are plain YAML (no tags)") \
+            from None
     if loaded is not None and not isinstance(loaded, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     data = dict(loaded or {})

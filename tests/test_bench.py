@@ -271,6 +271,7 @@ def test_matmul_peak_is_positive():
     (["bench", "step"], "amrsd_jax.bench.step"),
     (["bench", "compare"], "amrsd_jax.bench.compare"),
     (["bench", "overhead"], "amrsd_jax.bench.overhead"),
+    (["bench", "scale"], "amrsd_jax.bench.scale"),
     (["bench", "ttsd"], "amrsd_jax.bench.ttsd"),
     (["bench", "verifier"], "amrsd_jax.bench.verifier"),
     (["ttsd", "--question", "q", "--answer", "1"], "amrsd_jax.ttsd"),

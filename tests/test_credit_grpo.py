@@ -1,4 +1,4 @@
-"""GRPO advantages: hand-computed cases against SPEC.md and invariants."""
+"""GRPO advantages: hand-computed cases against docs/methods.md and invariants."""
 
 import functools
 

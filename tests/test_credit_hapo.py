@@ -1,4 +1,5 @@
-"""HAPO (the reallocation and SPEC's bonus form) and token entropy: hand cases and
+"""HAPO (the reallocation and the original specification's bonus form) and token entropy:
+hand cases and
 invariants."""
 
 import jax

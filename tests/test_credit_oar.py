@@ -106,7 +106,7 @@ def test_weights_preserve_mass_and_respect_floor(importance, mask):
         count = mask[row].sum()
         if count:
             np.testing.assert_allclose(weights[row][mask[row]].mean(), 1.0, rtol=1e-5)
-    # SPEC floors BEFORE renormalising; renormalising divides by the mean raw weight,
+    # the floor applies BEFORE renormalising; renormalising divides by the mean raw weight,
     # which is at most 1 + beta.
     assert np.all(weights[mask] >= CFG.min_weight / (1.0 + CFG.beta) - 1e-6)
     raw = np.asarray(raw_weights(importance, mask, CFG))
@@ -201,7 +201,8 @@ def test_perturbation_importance_toy_outcome(chunk_size):
 
 
 def test_answer_tokens_keep_the_sequence_advantage_and_reasoning_weights_average_one():
-    """SPEC: the reshaping runs over the reasoning tokens. The answer span (importance 0 by
+    """docs/methods.md, "OAR": the reshaping runs over the reasoning tokens. The answer span
+    (importance 0 by
     construction) keeps A_i and does not shift the reasoning tokens' normalisation."""
     from amrsd_jax.credit import OARConfig, oar_reshape_weights, oar_token_advantages
 

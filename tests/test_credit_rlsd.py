@@ -1,4 +1,4 @@
-"""RLSD token advantages: hand case against SPEC.md and invariants."""
+"""RLSD token advantages: hand case against docs/methods.md and invariants."""
 
 
 import jax

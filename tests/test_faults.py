@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -204,17 +205,117 @@ def _wait_for_step(path: Path, step: int, proc, timeout: float = 300):
     raise AssertionError("timed out waiting for the run")
 
 
-def test_sigterm_writes_a_final_checkpoint(ckpt, tmp_path):
+def test_sigterm_writes_a_final_checkpoint_and_exits_143(ckpt, tmp_path):
+    """A scheduler can tell "stopped" (128 + SIGTERM) from "done" (0)."""
     out = tmp_path / "run"
     proc = _launch(tmp_path, _overrides(ckpt, out, 50) + ["checkpoint.every=100"])
     _wait_for_step(out / "metrics.jsonl", 1, proc)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log
-    assert "stopped after step" in log
+    assert proc.returncode == 143, log
     last = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    assert f"stopped at step {last} of 50 on SIGTERM" in log and "--resume" in log, log
+    assert "reward mean" not in log  # no "complete" summary
     with RunCheckpointer(out / "checkpoints", read_only=True) as ck:
         assert ck.latest_step() == last < 50
+
+
+def test_ctrl_c_saves_exits_130_and_resume_loses_no_logged_step(ckpt, tmp_path):
+    """SIGINT mid-run: the step finishes, is logged and checkpointed, exit 130 without a
+    traceback; --resume continues after the last logged step, keeping every line."""
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, _overrides(ckpt, out, 50) + ["checkpoint.every=100"])
+    _wait_for_step(out / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    before = read_metrics(out / "metrics.jsonl")
+    last = before[-1]["step"]
+    assert f"stopped at step {last} of 50 on SIGINT" in log, log
+    with RunCheckpointer(out / "checkpoints", read_only=True) as ck:
+        assert ck.latest_step() == last  # the checkpoint is at the last logged step
+
+    lines = []
+    resumed = Trainer(_config(ckpt, out, 50, "checkpoint.every=100"), resume=True,
+                      log=lines.append)
+    resumed.close()
+    assert resumed.start_step == last, lines  # continues right after the last logged step
+    assert not [line for line in lines if "changed" in line], lines  # same config, by value
+    assert read_metrics(out / "metrics.jsonl") == before  # every logged line kept
+    assert [r["step"] for r in before] == list(range(1, last + 1))
+
+
+def test_a_second_stop_signal_exits_at_once():
+    """The first Ctrl-C asks for a save; the second one interrupts right away (the CLI
+    prints one line and exits 130); a second SIGTERM exits 143."""
+    for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)):
+        lines = []
+        trainer = types.SimpleNamespace(stop_signal=None, log=lines.append)
+        Trainer._on_stop_signal(trainer, signum, None)
+        assert trainer.stop_signal == signum and "writing a checkpoint" in lines[0]
+        with pytest.raises(raised) as info:
+            Trainer._on_stop_signal(trainer, signum, None)
+        assert "exiting now" in lines[1]
+        if raised is SystemExit:
+            assert info.value.code == 143
+
+
+# ----------------------------------------------------------------------------- damaged runs
+def _damage(step_dir: Path) -> None:
+    """Cut every array data file of a committed step to a few bytes (a disk that filled up
+    after the commit, a bad copy)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        with open(p, "r+b") as f:
+            f.truncate(8)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_step(ckpt, tmp_path):
+    trainer = Trainer(_config(ckpt, tmp_path, 2))  # checkpoints of the initial state: no compile
+    trainer.save(1)
+    trainer.save(2)
+    trainer.close()
+    _damage(tmp_path / "checkpoints" / "2")
+    lines = []
+    trainer = Trainer(_config(ckpt, tmp_path, 2), resume=True, log=lines.append)
+    assert trainer.start_step == 1
+    said = [line for line in lines if line.startswith("checkpoint step")]
+    assert len(said) == 1 and "step 2 damaged" in said[0] \
+        and "step 1 is intact, resuming from 1" in said[0], lines
+    assert all("\n" not in line and len(line) < 400 for line in lines)
+    # moved aside, not deleted, so the run can save step 2 again
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints").iterdir()
+            if p.name.startswith("2.")] == ["2.damaged"]
+    trainer.save(2)
+    trainer.close()
+    with RunCheckpointer(tmp_path / "checkpoints", read_only=True) as ck:
+        assert ck.all_steps() == [1, 2]
+
+
+def test_resume_without_checkpoint_keeps_the_earlier_metrics(ckpt, tmp_path):
+    earlier = '{"step": 1, "kind": "train", "reward_mean": 0.5}\n'
+    (tmp_path / "metrics.jsonl").write_text(earlier)
+    lines = []
+    trainer = Trainer(_config(ckpt, tmp_path, 1), resume=True, log=lines.append)
+    trainer.close()
+    kept = [p for p in tmp_path.glob("metrics.*.jsonl")]
+    assert len(kept) == 1 and kept[0].read_text() == earlier
+    assert any(str(kept[0]) in line for line in lines), lines
+
+
+def test_resuming_a_finished_run_adds_no_eval_line(ckpt, tmp_path, monkeypatch):
+    cfg = _config(ckpt, tmp_path, 2, "eval.at_end=true")
+    trainer = Trainer(cfg)
+    trainer.save(2)  # the final checkpoint comes after the final eval
+    trainer.close()
+    evaluated = []
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, step, **kw: evaluated.append(step))
+    trainer = Trainer(cfg, resume=True)
+    summary = trainer.run()
+    trainer.close()
+    assert summary["history"] == [] and evaluated == []
 
 
 def test_sigkill_at_random_points_resumes_identically(ckpt, tmp_path):

@@ -9,7 +9,7 @@ report from whatever has finished.
 
 Variants (the issue's comparison and the ablations of the paper's Table 3 kind):
 
-- ``grpo amr_sd rlsd sdpo hapo oar_g``: each method with its SPEC.md defaults;
+- ``grpo amr_sd rlsd sdpo hapo oar_g``: each method with its defaults (docs/methods.md);
 - ``amr_sd/tau=<v>``: the dead-zone threshold sweep (0.5 is the default, so ``amr_sd``);
 - ``amr_sd/no_reflection``: the teacher sees a verified peer rollout verbatim instead of a
   self-written hint or critique (``reflection.source=raw_peer``);
@@ -236,7 +236,9 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, groups: dict[str, list[st
 
     groups = {k: [v for v in vs if v in runs] for k, vs in groups.items()}
     groups = {k: vs for k, vs in groups.items() if vs}
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    # constrained layout makes room for the legends placed outside the data
+    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 4.2 * len(groups)), squeeze=False,
+                             layout="constrained")
     for row, (title, variants) in enumerate(groups.items()):
         for variant in variants:
             per_seed = list(runs[variant].values())
@@ -257,8 +259,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, groups: dict[str, list[st
         axes[row, 1].set(title=f"{title}: held-out {PASS1}", xlabel="step", ylabel=PASS1)
         for ax in axes[row]:
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+        axes[row, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -273,10 +274,10 @@ def plot_diagnostics(runs: dict[str, dict[int, dict]], path: Path, variants: lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("reflection gain (nats/token)", (("reflection_gain_correct", "hint, correct"),
-                                                ("reflection_gain_incorrect",
-                                                 "critique, incorrect"))),
-              ("gated fraction of response tokens",
+    panels = (("reflection gain", "mean lp_T - lp_old (nats/token)",
+               (("reflection_gain_correct", "hint, correct"),
+                ("reflection_gain_incorrect", "critique, incorrect"))),
+              ("gated fraction of response tokens", "fraction of tokens with D > 0",
                (("amr_sd/gated_frac_correct", "correct rollouts"),
                 ("amr_sd/gated_frac_incorrect", "incorrect rollouts"))))
     variants = [v for v in variants if v in runs and any(
@@ -284,23 +285,29 @@ def plot_diagnostics(runs: dict[str, dict[int, dict]], path: Path, variants: lis
         for r in runs[v].values() for t in r["train"])]
     if not variants:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    markers = "os^Dv<>"
-    for ax, (title, series) in zip(axes, panels):
-        for (key, label), color in zip(series, ("tab:green", "tab:red")):
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), layout="constrained")
+    markers = "os^Dv<>ph*"
+    colors = ("tab:green", "tab:red")
+    for ax, (title, ylabel, series) in zip(axes, panels):
+        for (key, _), color in zip(series, colors):
             for variant, marker in zip(variants, markers):
                 points = [(t["step"], t[key]) for r in runs[variant].values()
                           for t in r["train"] if key in t]
                 if points:
                     steps, values = zip(*points)
-                    ax.scatter(steps, values, color=color, marker=marker, alpha=0.6, s=22,
-                               label=f"{label}: {variant}")
+                    ax.scatter(steps, values, color=color, marker=marker, alpha=0.6, s=22)
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set(title=title, xlabel="step")
+        ax.set(title=title, xlabel="training step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    # two short legends outside the data (colour = outcome, marker = variant) instead of one
+    # entry per (outcome, variant) pair on top of the points
+    outcome = [plt.Line2D([], [], ls="", marker="o", color=c, label=label)
+               for c, label in zip(colors, ("correct rollout (hint)",
+                                            "incorrect rollout (critique)"))]
+    variant_marks = [plt.Line2D([], [], ls="", marker=m, color="0.3", label=v)
+                     for v, m in zip(variants, markers)]
+    fig.legend(handles=outcome + variant_marks, loc="outside right upper", fontsize=8)
     fig.suptitle("AMR-SD diagnostics, every seed and step", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -12,7 +12,7 @@ ratio of median step times to GRPO's.
 Variants (the levers on AMR-SD's overhead):
 
 - ``amr_sd/all_rows``: every rollout gets a reflection and a teacher pass
-  (``reflection.skip_uninformative=false``), SPEC's 96-token reflections;
+  (``reflection.skip_uninformative=false``), the default 96-token reflections;
 - ``amr_sd/skip``: only rows of groups with unequal rewards (the default; exact, since an
   all-equal group has advantage 0), 96-token reflections;
 - ``amr_sd/skip+short``: the default plus ``reflection.max_tokens=<--short-tokens>``;

@@ -1,6 +1,7 @@
 """``python run.py bench ttsd``: test-time self-distillation vs best-of-k sampling.
 
-SPEC.md: for one hard question with a binary verifier, repeat {sample k attempts; if any
+docs/methods.md, "TTSD": for one hard question with a binary verifier, repeat {sample k
+attempts; if any
 succeeds, stop; else one SDPO step on this question using the attempts' feedback}; report
 attempts-to-first-success against plain best-of-k sampling.
 

@@ -2,7 +2,7 @@
 
 Every method maps GRPO's sequence advantages ``A [B]`` (plus method-specific per-token
 signals) to per-token advantages ``Ahat [B, T]`` for the policy loss in
-:mod:`amrsd_jax.losses`. Formulas follow ``SPEC.md``.
+:mod:`amrsd_jax.losses`. Formulas and defaults: ``docs/methods.md``.
 """
 
 from amrsd_jax.credit.amr_sd import (

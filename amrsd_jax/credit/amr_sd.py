@@ -1,5 +1,5 @@
 """AMR-SD token advantages: GRPO modulated by an asymmetric, annealed gate on the
-causal information gain of a self-written reflection (SPEC.md, "AMR-SD").
+causal information gain of a self-written reflection (docs/methods.md, "AMR-SD").
 
 Per response token::
 
@@ -36,13 +36,14 @@ class AMRSDConfig:
     """Hyper-parameters of AMR-SD credit assignment (hashable, usable as a static arg).
 
     Attributes:
-      lam: gate strength on correct rollouts (``A_i > 0``); SPEC default 0.2.
-      gam: gate strength on incorrect rollouts (``A_i < 0``); SPEC default 0.1
+      lam: gate strength on correct rollouts (``A_i > 0``); default 0.2.
+      gam: gate strength on incorrect rollouts (``A_i < 0``); default 0.1
         (deliberately 2:1 with ``lam``).
       tau: dead-zone threshold on ``|Ihat|`` in nats. Not published: 0.5 is OUR default
         and must be swept in the benchmark.
-      kappa: clip bound on the causal information gain, nats; SPEC default 5.
-      decay_steps: ``T_decay`` of SPEC.md, the number of optimizer steps over which
+      kappa: clip bound on the causal information gain, nats; default 5.
+      decay_steps: ``T_decay`` of docs/methods.md ("AMR-SD"), the number of optimizer
+        steps over which
         ``lam`` and ``gam`` anneal linearly to 0 (default 50). From step
         ``decay_steps`` on, AMR-SD is exactly GRPO. ``None`` disables annealing (our
         extension, for ablations).
@@ -104,7 +105,7 @@ def asymmetric_gate(
     tau: float,
     mask: Array | None = None,
 ) -> Array:
-    """Asymmetric ReLU gate ``D`` (SPEC.md, AMR-SD step 5).
+    """Asymmetric ReLU gate ``D`` (docs/methods.md, "AMR-SD", step 6).
 
     ``D = lam_eff * relu(Ihat - tau)`` on rollouts with ``A > 0``,
     ``D = gam_eff * relu(-Ihat - tau)`` on rollouts with ``A < 0``, 0 when ``A == 0``.

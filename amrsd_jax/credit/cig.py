@@ -1,11 +1,11 @@
-"""Causal Information Gain (SPEC.md, "AMR-SD", step 4).
+"""Causal Information Gain (docs/methods.md, "CIG").
 
 Per response token, how much more (or less) likely the teacher -- the same model
 conditioned on an extra reflection context ``c_i`` -- finds the token than the policy
 that sampled it::
 
     I[i,t]    = lp_T[i,t] - lp_old[i,t]
-    Ihat[i,t] = clip(I[i,t], -kappa, kappa)        kappa = 5 (SPEC default)
+    Ihat[i,t] = clip(I[i,t], -kappa, kappa)        kappa = 5 (default)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def causal_information_gain(
       lp_teacher: ``[B, T]`` teacher log-probs of the response tokens (stop-gradient).
       lp_old: ``[B, T]`` log-probs of the same tokens under the sampling policy.
       mask: ``[B, T]`` response mask (bool or 0/1).
-      kappa: clip bound in nats (SPEC default 5).
+      kappa: clip bound in nats (default 5).
 
     Returns:
       ``[B, T]`` clipped gain, exactly 0 outside the mask (padding may hold NaN/inf

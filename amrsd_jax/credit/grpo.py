@@ -1,4 +1,4 @@
-"""GRPO group-relative advantages (SPEC.md, section "GRPO").
+"""GRPO group-relative advantages (docs/methods.md, "GRPO").
 
 For a prompt with ``G`` sampled responses and rewards ``r_1..r_G``::
 
@@ -10,7 +10,8 @@ A group whose rewards are all equal gets ``A_i = 0`` exactly (checked with
 ``max == min``, so floating-point error in the mean can never leak a tiny non-zero
 advantage into such a group).
 
-``std_ddof`` picks the estimator (SPEC.md does not fix it): 0 is the population standard
+``std_ddof`` picks the estimator (the original specification did not fix it): 0 is the
+population standard
 deviation (numpy's default, this function's default), 1 the unbiased one that TRL and verl
 use (``torch.std``). A training run uses TRL's recipe, ``std_ddof=1`` and ``eps=1e-4``
 (``TrainConfig.advantage_std_ddof`` / ``advantage_eps``, passed by the update step).
@@ -64,7 +65,8 @@ def grpo_advantages(
       rewards: ``[num_prompts, G]`` rewards, row ``p`` holding the G responses to prompt p.
       scale: ``"group"`` divides by each group's std, ``"batch"`` by the std of all
         ``num_prompts * G`` rewards, ``"none"`` only centres (Dr.GRPO).
-      eps: added to the std before dividing (SPEC: 1e-6).
+      eps: added to the std before dividing (default 1e-6; a training run passes
+        ``advantage_eps``, 1e-4).
       std_ddof: 0 = population std (our default), 1 = unbiased std (TRL/verl).
 
     Returns:

@@ -1,4 +1,4 @@
-"""HAPO-style entropy-capacity, sign-preserving advantage reallocation (SPEC.md, "HAPO").
+"""HAPO-style entropy-capacity, sign-preserving advantage reallocation (docs/methods.md, "HAPO").
 
 The HAPO paper's exact term is not fully public. We implement its stated principle --
 token entropy bounds the credit a token can carry, and the update keeps the reward's
@@ -6,11 +6,12 @@ sign -- in OUR form. Per response token, with ``H`` detached::
 
     bonus[i,t] = min(alpha * H[i,t], |A_i| / phi)          alpha = 0.2, phi = 2
     reallocate (default): Ahat[i,t] = A_i * w[i,t] / mean_t(w[i,.]),  w = 1 + bonus / |A_i|
-    bonus (SPEC.md):      Ahat[i,t] = A_i + sign(A_i) * bonus[i,t]
+    bonus (original spec):      Ahat[i,t] = A_i + sign(A_i) * bonus[i,t]
 
 ``reallocate`` moves a sequence's credit toward its high-entropy tokens and away from its
 confident ones while keeping the sequence's credit mass (``sum_t Ahat = A_i * L_i``): a
-reallocation, as the method is described. ``bonus`` (SPEC.md's form) only ever adds credit
+reallocation, as the method is described. ``bonus`` (the original specification's form) only
+ever adds credit
 (``|Ahat| >= |A|``). Both keep the sign of ``A_i`` on every token.
 
 Diagnostics include the paper's Four-Quadrant decomposition: tokens split by the sign of
@@ -37,10 +38,10 @@ class HAPOConfig:
     """Hyper-parameters of our HAPO form (hashable).
 
     Attributes:
-      alpha: entropy-to-credit rate (nats^-1 x advantage units); default 0.2 (SPEC).
-      phi: the bonus is capped at ``|A_i| / phi``; default 2 (SPEC).
+      alpha: entropy-to-credit rate (nats^-1 x advantage units); default 0.2.
+      phi: the bonus is capped at ``|A_i| / phi``; default 2.
       form: ``"reallocate"`` (default: per-sequence credit mass preserved) or ``"bonus"``
-        (SPEC.md's additive form).
+        (the original specification's additive form).
     """
 
     alpha: float = 0.2

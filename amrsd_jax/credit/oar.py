@@ -1,4 +1,4 @@
-"""OAR: Outcome-grounded Advantage Reshaping (SPEC.md, "OAR").
+"""OAR: Outcome-grounded Advantage Reshaping (docs/methods.md, "OAR").
 
 Two parts:
 
@@ -48,14 +48,14 @@ class OARConfig:
       beta: slope of the upper level (weights rise from 1 to ``1 + beta``). Not
         published: 1.0 is OUR default.
       min_weight: floor of the lower level BEFORE the mass-preserving renormalisation
-        (SPEC: 0.1). After renormalisation every weight is still
+        (default 0.1). After renormalisation every weight is still
         ``>= min_weight / (1 + beta)``.
       gradient_noise: OAR-G objective. ``False`` (our default): ``J`` is the outcome
         log-probability itself and its gradient is taken at the clean embeddings.
         ``True``: ``J = outcome(e + sigma * z) - sg(outcome(e))`` with ``z ~ N(0, I)``
         on the reasoning embeddings only; its gradient is the outcome gradient at the
         perturbed point (still one backward pass).
-      noise_sigma: ``sigma`` of the noise variant (SPEC: 1e-3).
+      noise_sigma: ``sigma`` of the noise variant (default 1e-3).
     """
 
     q: float = 0.5
@@ -108,7 +108,7 @@ def oar_reshape_weights(importance: Array, mask: Array, cfg: OARConfig) -> Array
     Args:
       importance: ``[B, T]`` token importance ``s`` (any real values; negative values,
         e.g. OAR-P tokens whose removal RAISES the outcome log-prob, are clamped to 0
-        -- our choice, since SPEC's ``log(1 + s)`` needs ``s > -1``). Values outside
+        -- our choice, since ``log(1 + s)`` needs ``s > -1``). Values outside
         the mask are ignored.
       mask: ``[B, T]`` mask of the tokens to reshape (e.g. the reasoning tokens).
       cfg: :class:`OARConfig` (static).
@@ -137,7 +137,8 @@ def oar_token_advantages(
 ) -> tuple[Array, dict[str, Array]]:
     """OAR per-token advantages ``Ahat = A_i * w_t``.
 
-    The bi-level reshaping (SPEC.md) runs over the REASONING tokens only: the response
+    The bi-level reshaping (docs/methods.md, "OAR") runs over the REASONING tokens only: the
+    response
     tokens outside the verifier's answer span. Their weights average 1 per row; the answer
     tokens, whose importance is 0 by construction (they are the outcome, not evidence for
     it), keep the plain sequence advantage ``A_i`` (weight 1) and do not enter the

@@ -1,4 +1,4 @@
-"""RLSD (Self-Distilled RLVR) token advantages (SPEC.md, "RLSD").
+"""RLSD (Self-Distilled RLVR) token advantages (docs/methods.md, "RLSD").
 
 With a frozen teacher that sees a reference solution::
 
@@ -29,12 +29,13 @@ class RLSDConfig:
 
     Attributes:
       lam: mixing weight between the plain advantage and the teacher-reweighted one,
-        in ``[0, 1]``; SPEC and the authors' default 0.5. ``lam = 0`` is exactly GRPO.
+        in ``[0, 1]``; the original specification's and the authors' default 0.5.
+        ``lam = 0`` is exactly GRPO.
       eps_w: the token weight is clipped to ``[1 - eps_w, 1 + eps_w]``; default 0.2.
       decay_steps: ``lam`` decays linearly to 0 over this many optimizer steps, as the
         authors' recipe does (``rlsd_lambda_decay_steps=60``): at 0-based step ``s``,
         ``lam_eff = lam * max(0, 1 - (s + 1) / decay_steps)`` (their step counter starts at
-        1). ``None`` keeps ``lam`` constant (SPEC.md's form).
+        1). ``None`` keeps ``lam`` constant (the original specification's form).
     """
 
     lam: float = 0.5

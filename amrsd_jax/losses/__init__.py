@@ -1,5 +1,5 @@
 """Losses: the clipped policy-gradient loss (with exact micro-batch aggregation) and
-the SDPO self-distillation loss. Formulas follow ``SPEC.md``."""
+the SDPO self-distillation loss. Formulas and defaults: ``docs/methods.md``."""
 
 from amrsd_jax.losses.policy import (
     AGGREGATION_MODES,

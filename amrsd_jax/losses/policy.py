@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss with exact micro-batch aggregation (SPEC.md, "GRPO").
+"""Clipped policy-gradient loss with exact micro-batch aggregation (docs/methods.md, "Policy loss").
 
 Per token, with ``rho = exp(lp_new - lp_old)`` and the method's per-token advantage
 ``Ahat``::
@@ -80,11 +80,11 @@ class PolicyLossConfig:
     """Hyper-parameters of the clipped policy-gradient loss (hashable).
 
     Attributes:
-      eps_low: lower clip, ratio floor ``1 - eps_low``; SPEC default 0.2.
-      eps_high: upper clip, ratio ceiling ``1 + eps_high`` (clip-higher); SPEC 0.28.
+      eps_low: lower clip, ratio floor ``1 - eps_low``; default 0.2.
+      eps_high: upper clip, ratio ceiling ``1 + eps_high`` (clip-higher); default 0.28.
       dual_clip: ``c`` of the dual clip for negative advantages, ``None`` = off (our
-        default; SPEC's value when on is 3.0). Must be > 1.
-      kl_beta: weight of the k3 KL to a frozen reference; SPEC default 0.
+        default; 3.0 when on). Must be > 1.
+      kl_beta: weight of the k3 KL to a frozen reference; default 0.
       aggregation: one of :data:`AGGREGATION_MODES`; default ``"token-mean"``.
       tis_cap: truncated importance sampling cap, ``None`` = off. When set, each
         token's policy-gradient term is multiplied by the detached

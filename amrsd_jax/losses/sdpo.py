@@ -1,4 +1,4 @@
-"""SDPO self-distillation loss (SPEC.md, "SDPO").
+"""SDPO self-distillation loss (docs/methods.md, "SDPO").
 
 Per response token, between the student ``p_S = pi_theta(. | x, y_<t)`` and the
 teacher ``p_T`` (the same model with a "reprompt" context; stop-gradient):
@@ -50,7 +50,7 @@ class SDPOConfig:
     Defaults are the SDPO authors' recipe (lasgroup/SDPO ``actor.yaml`` / ``sdpo.yaml``):
     the student's top-100 logits plus one tail bucket per distribution, generalised JSD
     with ``alpha = 0.5``, both importance weights capped at 2, and no policy-gradient term.
-    SPEC.md's "full vocabulary, forward KL" is ``mode="full", alpha=0``.
+    The original specification's "full vocabulary, forward KL" is ``mode="full", alpha=0``.
 
     Attributes:
       mode: ``"topk"`` (default), ``"full"`` or ``"sampled"`` (TRL's port: sampled token,
@@ -60,7 +60,7 @@ class SDPOConfig:
         ``sampled`` needs ``alpha == 1`` (checked here, at construction).
       topk: ``k`` of the ``topk`` mode (authors: 100; their rich-feedback runs use 20).
       is_clip: cap of the detached importance weight ``exp(lp_S - lp_old)`` (authors and
-        SPEC: 2). ``None`` disables it.
+        docs/methods.md: 2). ``None`` disables it.
       tis_cap: cap of the detached rollout-correction weight ``exp(lp_old - lp_sampler)``
         on the distillation term (the trainer's over the sampler's probability of each
         token: the authors' ``rollout_is: token``, threshold 2). ``None`` disables it.
@@ -116,7 +116,7 @@ def kl_from_log_probs(log_p: Array, log_q: Array) -> Array:
 
 
 def generalized_jsd_from_log_probs(log_p_student: Array, log_p_teacher: Array, alpha: float) -> Array:
-    """SPEC's divergence family on normalised log-probs over the last axis.
+    """The divergence family (docs/methods.md, "SDPO") on normalised log-probs over the last axis.
 
     ``alpha == 0``: ``KL(p_T || p_S)``; ``alpha == 1``: ``KL(p_S || p_T)``; otherwise
     ``(1 - alpha) KL(p_S || M) + alpha KL(p_T || M)`` with

@@ -2,7 +2,7 @@
 re-scores the rollout with it as teacher context, and the clipped log-likelihood ratio
 gates an amplification of GRPO's advantage, annealed to plain GRPO.
 
-Per step (SPEC.md, "AMR-SD"), on the host:
+Per step (docs/methods.md, "AMR-SD"), on the host:
 
 1. which rows to reflect on: with ``reflection.skip_uninformative`` only rows of groups
    with unequal rewards (elsewhere ``A = 0`` and the gate cannot change the update), and
@@ -39,7 +39,8 @@ from .base import Method, MethodContext, TeacherInputs, TeacherPolicy, register
 def reflection_request(rollouts: Rollouts, row: int, *, use_peer: bool = True,
                        reference_solution: str | None = None, follow_up: bool = False) -> str:
     """Row ``row``'s reflection request (hint if correct, critique if not) with the
-    privileged inputs of SPEC.md. ``follow_up``: a next user turn after the rollout
+    privileged inputs of docs/methods.md, "AMR-SD". ``follow_up``: a next user turn after the
+    rollout
     (question and attempt not repeated)."""
     render = follow_up_reflection_prompt if follow_up else reflection_prompt
     verified = rollouts.verified

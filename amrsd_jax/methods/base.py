@@ -47,7 +47,7 @@ TEACHER_WEIGHTS = ("live", "ema", "frozen")
 
 @dataclasses.dataclass(frozen=True)
 class TeacherPolicy:
-    """Which weights a method's teacher scores with (SPEC.md).
+    """Which weights a method's teacher scores with (docs/methods.md, "Teacher weights").
 
     weights: ``live`` -- the policy itself (no copy); ``ema`` -- an exponential moving
       average ``teacher <- (1 - ema_rate) teacher + ema_rate policy`` after every applied

@@ -2,7 +2,8 @@
 
 Math: :func:`amrsd_jax.credit.hapo.hapo_token_advantages` (our form of the principle; no
 reference code was published): by default a reallocation that keeps each sequence's
-credit mass, SPEC.md's additive form as ``form=bonus``; the Four-Quadrant decomposition is
+credit mass, the original specification's additive form as ``form=bonus``; the Four-Quadrant
+decomposition is
 logged. Needs the old policy's per-token entropy, which the old-policy scoring pass
 returns alongside its log-probs (no extra forward).
 """

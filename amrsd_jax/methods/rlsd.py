@@ -1,7 +1,8 @@
 """RLSD: the reference solution as teacher context, a frozen teacher, and the clipped
 sign-aware likelihood ratio as per-token weight.
 
-The recipe is the authors' (iie-ycx/RLSD ``rlsd_train.sh``), which SPEC.md yields to:
+The recipe is the authors' (iie-ycx/RLSD ``rlsd_train.sh``), which the library follows
+(docs/methods.md, "RLSD"):
 ``lam`` 0.5 decaying linearly to 0 over ``decay_steps = 60`` optimizer steps (pure GRPO
 after), token weights clipped to ``[0.8, 1.2]``, and a frozen teacher (the initial
 policy) re-copied from the policy after every 20th step (``teacher.refresh_every``).

@@ -1,7 +1,8 @@
 """SDPO: distillation toward the same model reprompted with a peer's solution or the
 verifier's feedback, with an EMA teacher.
 
-The recipe is the authors' (lasgroup/SDPO), which SPEC.md yields to where they differ:
+The recipe is the authors' (lasgroup/SDPO), which the library follows where it differs from
+the original specification (docs/methods.md, "SDPO"):
 
 - reprompt: the question, then the first other successful rollout of the group ("Correct
   solution:") and, only when there is none, the failed rollout's verifier feedback

@@ -1,4 +1,4 @@
-"""Teacher contexts of every method (SPEC.md), as user messages.
+"""Teacher contexts of every method (docs/methods.md), as user messages.
 
 The teacher re-scores the *same* response tokens after a prompt that carries extra
 context; these functions build that prompt's user message. Tokenisation, left padding to

@@ -1,4 +1,4 @@
-"""Prompt templates for meta-reflection (SPEC.md, AMR-SD step 2).
+"""Prompt templates for meta-reflection (docs/methods.md, "AMR-SD", step 2).
 
 Correct rollout -> a Socratic *hint*: a question-shaped nudge toward the key step.
 Incorrect rollout -> a targeted *critique*: where the attempt went wrong, what to check.

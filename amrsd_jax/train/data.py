@@ -13,9 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import jax
-
-from ..data import ArithmeticTask, FieldMap, PromptStream, load_local, load_tfds, render_prompt
+from ..data import (ArithmeticTask, CodeTask, FieldMap, PromptStream, load_code_jsonl,
+                    load_humaneval, load_local, load_tfds, render_prompt)
 from ..rollout.prompts import encode_chat
 from .config import DataConfig
 
@@ -41,6 +40,15 @@ def _field_map(cfg: DataConfig) -> FieldMap:
 def load_examples(cfg: DataConfig, split: str, *, seed: int = 0) -> tuple[list[dict], int,
                                                                         list[str]]:
     """Raw examples of ``split`` ("train" or "eval"): ``(examples, skipped_rows, problems)``."""
+    if split == "eval" and cfg.eval_source == "humaneval":
+        result = load_humaneval()
+        return result.examples[:cfg.eval_size or None], 0, []
+    if cfg.source == "code":
+        size = cfg.train_size if split == "train" else cfg.eval_size
+        task = CodeTask(list(cfg.level), seed=cfg.seed,
+                        split="train" if split == "train" else "test", size=size,
+                        prompt_suffix=None)
+        return list(task), 0, []
     if cfg.source == "arithmetic":
         size = cfg.train_size if split == "train" else cfg.eval_size
         levels = cfg.level if len(cfg.level) > 1 else cfg.level[0]
@@ -51,11 +59,16 @@ def load_examples(cfg: DataConfig, split: str, *, seed: int = 0) -> tuple[list[d
         path = cfg.path if split == "train" else cfg.eval_path
         if path is None:
             return [], 0, []
-        result = load_local(path, _field_map(cfg))
+        result = load_local(path, _field_map(cfg), on_bad_row=cfg.on_bad_row)
+    elif cfg.source == "code_jsonl":
+        path = cfg.path if split == "train" else cfg.eval_path
+        if path is None:
+            return [], 0, []
+        result = load_code_jsonl(path, on_bad_row=cfg.on_bad_row)
     else:
         name_split = cfg.train_split if split == "train" else cfg.eval_split
         result = load_tfds(cfg.tfds_name, name_split, _field_map(cfg),
-                           data_dir=cfg.tfds_data_dir)
+                           data_dir=cfg.tfds_data_dir, on_bad_row=cfg.on_bad_row)
     examples = list(result.examples)
     if split == "eval" and cfg.eval_size and len(examples) > cfg.eval_size:
         examples = examples[:cfg.eval_size]  # the first rows: the same set every run
@@ -96,15 +109,11 @@ def prepare_split(tokenizer, run, split: str, examples=None, log=print) -> Prepa
 
 
 def prompt_stream(data: PreparedData, run) -> PromptStream:
-    """This process's share of ``rollout.prompts_per_step`` prompts per step, shuffled by
-    the run seed, epoch after epoch."""
+    """The step's ``rollout.prompts_per_step`` prompts, shuffled by the run seed, epoch after
+    epoch. Every process draws the same global batch (the control plane is replicated, see
+    :mod:`amrsd_jax.distributed`); the mesh splits its rows over the devices."""
     if not data.examples:
         raise ValueError("no training examples left after loading and the prompt budget "
                          f"(skipped {data.skipped_long} long prompts)")
-    prompts = run.rollout.prompts_per_step
-    per_host, rem = divmod(prompts, jax.process_count())
-    if rem:
-        raise ValueError(f"rollout.prompts_per_step={prompts} is not divisible by the "
-                         f"{jax.process_count()} processes")
-    return PromptStream(list(range(len(data.examples))), per_host, seed=run.seed,
-                        shard_index=jax.process_index(), shard_count=jax.process_count())
+    return PromptStream(list(range(len(data.examples))), run.rollout.prompts_per_step,
+                        seed=run.seed)

@@ -1,15 +1,27 @@
 """The step loop of a run: train, log, evaluate and checkpoint on schedule; stop on
-SIGTERM (after a checkpoint) or after too many consecutive non-finite steps."""
+SIGINT / SIGTERM (after a checkpoint) or after too many consecutive non-finite steps."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Any
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps); the last good checkpoint is
     intact."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT / SIGTERM stopped the run after ``step`` steps, and a checkpoint of that step
+    was written: ``--resume`` continues it. ``exit_code`` is the shell's 128 + signal."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped at step {step} on {self.signal_name}")
 
 
 @dataclasses.dataclass
@@ -27,11 +39,19 @@ class StepLoop:
         self.last_eval, self.eval_step = self.trainer.evaluate(step), step
 
     def run(self) -> None:
+        """The final eval comes before the final checkpoint, so a run whose checkpoint is at
+        ``steps`` is finished: resuming it does nothing (no second eval line)."""
         t, cfg = self.trainer, self.trainer.config
+        if t.start_step >= cfg.steps:
+            t.log(f"the run already finished {t.start_step} steps; nothing to do (raise "
+                  "steps= to train further)")
+            return
         if cfg.eval.at_start and t.start_step == 0:
             self.evaluate(0)
         step = t.start_step
         while step < cfg.steps:
+            if t.stop_signal is not None:  # arrived during the first eval: nothing new to save
+                raise RunInterrupted(step, t.stop_signal)
             self.log(t.train_step(step).metrics, step + 1)
             step += 1
             if t.counters.consecutive_skips >= cfg.max_consecutive_skips:
@@ -40,18 +60,19 @@ class StepLoop:
                     f"gradients (step {step}); stopping. The last good checkpoint in "
                     f"{t.output_dir / 'checkpoints'} is intact; lower the learning rate or "
                     "check the rewards, then --resume")
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+            if step == cfg.steps:  # a signal now just lets the run finish
+                break
+            if cfg.eval.every and step % cfg.eval.every == 0:
                 self.evaluate(step)
-            scheduled = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-            if scheduled or t._stop_requested:
+            if t.stop_signal is not None or (cfg.checkpoint.every
+                                             and step % cfg.checkpoint.every == 0):
                 t.save(step)
-            if t._stop_requested:
-                t.log(f"stopped after step {step} on SIGTERM; checkpoint saved")
-                return
+            if t.stop_signal is not None:
+                raise RunInterrupted(step, t.stop_signal)
         if cfg.eval.at_end:
             self.evaluate(step)
-        if cfg.checkpoint.save_at_end and not (cfg.checkpoint.every
-                                               and step % cfg.checkpoint.every == 0):
+        if cfg.checkpoint.save_at_end or (cfg.checkpoint.every
+                                          and step % cfg.checkpoint.every == 0):
             t.save(step)
 
     def log(self, metrics: dict, step: int) -> None:

@@ -2,7 +2,10 @@
 
 Only process 0 writes (multi-host runs compute the same global metrics everywhere).
 Resuming from step ``k`` first drops the JSONL lines after ``k`` that a killed run had
-written, so the file reads as one uninterrupted run.
+written, so the file reads as one uninterrupted run; lines are never deleted: the file as it
+was is kept next to it (``metrics.<time>.jsonl``) first. The directory may be local or a URL
+(``gs://...``, through etils.epath); an object store cannot append, so there the file is
+rewritten whole at each record.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
+
+from etils import epath
+
+from .config import is_url
 
 
 def _plain(value: Any):
@@ -32,24 +38,37 @@ class MetricsLogger:
 
     def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True,
                  enabled: bool = True, filename: str = "metrics.jsonl"):
-        self.directory = Path(directory)
+        self.directory = epath.Path(directory)
         self.enabled = enabled
         self.path = self.directory / filename
+        self._appendable = not is_url(directory)
+        self._lines: list[str] | None = None  # the file's lines, kept where it cannot append
         self._tb = None
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # writes gs:// itself
 
-                self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+                self._tb = SummaryWriter(os.fspath(self.directory / "tensorboard"))
 
-    def truncate_after(self, step: int) -> int:
-        """Drop records with ``step > step`` (left by a run killed after its last checkpoint);
-        returns how many were dropped."""
+    def move_aside(self) -> epath.Path | None:
+        """Keep an earlier run's file under a new name; returns that name (None: no file)."""
         if not self.enabled or not self.path.exists():
-            return 0
+            return None
+        kept = _unused_name(self.path)
+        self.path.rename(kept)
+        self._lines = None
+        return kept
+
+    def truncate_after(self, step: int) -> tuple[int, epath.Path | None]:
+        """Drop records with ``step > step`` (left by a run killed after its last checkpoint)
+        from the file, after keeping the whole file under a new name; returns how many were
+        dropped and that name (None when nothing was dropped)."""
+        if not self.enabled or not self.path.exists():
+            return 0, None
+        text = self.path.read_text()
         kept, dropped = [], 0
-        for line in self.path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by the kill
@@ -59,17 +78,32 @@ class MetricsLogger:
                 dropped += 1
             else:
                 kept.append(line)
+        if not dropped:
+            return 0, None
+        whole = _unused_name(self.path)
+        whole.write_text(text)
+        self._rewrite(kept)
+        return dropped, whole
+
+    def _rewrite(self, lines: list[str]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        return dropped
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(self.path)
+        self._lines = None if self._appendable else list(lines)
 
     def log(self, step: int, metrics: Mapping[str, Any], *, kind: str = "train") -> dict:
         record = {"step": int(step), "kind": kind}
         record.update({k: _plain(v) for k, v in metrics.items()})
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record)
+            if self._appendable:
+                with self.path.open("a") as f:
+                    f.write(line + "\n")
+            else:
+                if self._lines is None:
+                    self._lines = (self.path.read_text().splitlines() if self.path.exists()
+                                   else [])
+                self._rewrite(self._lines + [line])
             if self._tb is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool) \
@@ -87,10 +121,19 @@ class MetricsLogger:
             self._tb = None
 
 
+def _unused_name(path: epath.Path) -> epath.Path:
+    """``metrics.<time>.jsonl`` next to ``path``, not yet taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
 def read_metrics(path: str | os.PathLike, kind: str | None = "train") -> list[dict]:
     """The records of a ``metrics.jsonl`` (optionally only one ``kind``)."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in epath.Path(path).read_text().splitlines():
         record = json.loads(line)
         if kind is None or record.get("kind") == kind:
             out.append(record)

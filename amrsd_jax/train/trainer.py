@@ -26,10 +26,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..distributed import maybe_initialize_distributed
+from ..distributed import check_agreement, maybe_initialize_distributed
 from ..evaluation import EvalSettings, evaluate
 from ..methods.base import MethodContext
 from ..models import load_model
@@ -37,11 +38,11 @@ from ..programs import build_programs
 from ..rollout.sampler import resolve_pad_id, resolve_stop_ids
 from ..sharding import make_mesh, shard_model
 from ..update import make_optimizer
-from .checkpoint import RunCheckpointer, abstract_like
-from .config import TrainConfig, check_mesh
+from .checkpoint import NoIntactCheckpoint, RunCheckpointer, abstract_like
+from .config import TrainConfig, check_mesh, config_changes
 from .data import prepare_split, prompt_stream
 from .metrics import MetricsLogger, PhaseTimer
-from .loop import StepLoop, TrainingStopped  # noqa: F401 - raised by the loop, part of the API
+from .loop import RunInterrupted, StepLoop, TrainingStopped  # noqa: F401 - part of the API
 from .phases import (Counters, StepRecord, bucket_rows, drop_groups, rollout_phase, row_quantum,
                      score_phase, update_phase)
 
@@ -56,11 +57,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None,
                  train_examples=None, eval_examples=None, resume: bool = False,
                  evaluate_only: bool = False, log=None):
+        maybe_initialize_distributed()  # a pod's processes join one job before any device use
         self.config = cfg = config
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(*check_mesh(cfg, jax.device_count()))
-        self.output_dir = Path(cfg.output_dir)
+        check_agreement("the run config", cfg.to_dict())  # before any shape is derived from it
+        self.output_dir = epath.Path(cfg.output_dir)  # a gs:// URL stays one
         self.model, self.tokenizer = self._load(model, tokenizer)
         self.train_data = prepare_split(self.tokenizer, cfg, "train", train_examples, self.log)
         self.eval_data = prepare_split(self.tokenizer, cfg, "eval", eval_examples, self.log)
@@ -81,24 +84,25 @@ class Trainer:
         self.counters = Counters(skipped_long_prompts=self.train_data.skipped_long,
                                  truncated_long_prompts=self.train_data.truncated_long,
                                  method=dict.fromkeys(self.method.counters, 0))
-        # evaluate-only runs log under <output_dir>/eval and never write checkpoints
-        self.metrics = MetricsLogger(self.output_dir / "eval" if evaluate_only
-                                     else self.output_dir, tensorboard=cfg.tensorboard,
-                                     enabled=self.is_main)
         self.checkpointer = None
         if not evaluate_only and (cfg.checkpoint.every or cfg.checkpoint.save_at_end or resume):
             self.checkpointer = RunCheckpointer(self.output_dir / "checkpoints",
                                                 max_to_keep=cfg.checkpoint.max_to_keep,
                                                 async_save=cfg.checkpoint.async_save)
+        if not resume and not evaluate_only:
+            self._check_fresh_output_dir()  # a refused run writes nothing into the old one
+        # evaluate-only runs log under <output_dir>/eval and never write checkpoints
+        self.metrics = MetricsLogger(self.output_dir / "eval" if evaluate_only
+                                     else self.output_dir, tensorboard=cfg.tensorboard,
+                                     enabled=self.is_main)
         self.start_step = 0
-        self._stop_requested = False
-        if self.is_main and not evaluate_only:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.stop_signal: int | None = None  # SIGINT / SIGTERM received during run()
         if resume:
             self._resume()
         elif not evaluate_only:
-            self._check_fresh_output_dir()
+            self._move_old_metrics_aside("an earlier run's metrics")
+        if self.is_main and not evaluate_only:
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     # ------------------------------------------------------------------ set-up
     def _load(self, model, tokenizer):
@@ -106,7 +110,8 @@ class Trainer:
             return shard_model(model, self.mesh), tokenizer
         cfg, t0 = self.config.model, time.perf_counter()
         model, tokenizer = load_model(cfg.name, cfg.dtype, param_dtype=cfg.param_dtype,
-                                      remat=cfg.remat, mesh=self.mesh)
+                                      remat_policy=cfg.remat_policy,
+                                      scan_layers=cfg.scan_layers, mesh=self.mesh)
         self.log(f"loaded {cfg.name} ({model.config.num_params() / 1e6:.0f}M params) in "
                  f"{time.perf_counter() - t0:.1f}s")
         return model, tokenizer
@@ -117,6 +122,9 @@ class Trainer:
         cfg, timer = self.config, PhaseTimer()
         k_roll, k_teacher, k_score = jax.random.split(jax.random.fold_in(self.run_key, step), 3)
         params = self.state.params
+        first = step == self.start_step  # this process's first step compiles its programs
+        if first:
+            self.log("first step: compiling the sampler and scoring programs ...")
         with timer("generate"):
             rollouts = rollout_phase(cfg, self.programs, self.tokenizer, params,
                                      self.train_data, self.stream.next_batch(), k_roll,
@@ -139,6 +147,8 @@ class Trainer:
             batch, score_metrics = score_phase(self.method, ctx, rollouts, teacher,
                                                self.ref_params)
         with timer("update"):
+            if first:
+                self.log("compiling the update step (first step only) ...")
             result = update_phase(self.programs, self.state, self.teacher_params, batch)
         self.state, self.teacher_params = result.state, result.teacher_params
         nnx.update(self.model, self.state.params)
@@ -152,7 +162,9 @@ class Trainer:
         return StepRecord(step, metrics, rollouts, teacher, batch)
 
     # ------------------------------------------------------------------ eval / checkpoint
-    def evaluate(self, step: int) -> dict[str, float] | None:
+    def evaluate(self, step: int, *, progress: bool = False) -> dict[str, float] | None:
+        """Held-out metrics of the current weights (logged as ``kind=eval``); ``progress``
+        shows a bar over the questions."""
         if not self.eval_data.examples:
             return None
         cfg, e = self.config, self.config.eval
@@ -166,7 +178,8 @@ class Trainer:
         t0 = time.perf_counter()
         key = jax.random.fold_in(jax.random.fold_in(self.run_key, 1_000_003), step)
         report = evaluate(self.model, self.tokenizer, self.eval_data.examples, key, settings,
-                          render=lambda ex: ex["prompt"], mesh=self.mesh)
+                          render=lambda ex: ex["prompt"], mesh=self.mesh,
+                          progress=progress and self.is_main)
         metrics = {**report.metrics, "time/eval": time.perf_counter() - t0}
         self.metrics.log(step, metrics, kind="eval")
         return metrics
@@ -180,51 +193,71 @@ class Trainer:
                                config=self.config.to_dict(), extra=self.counters.as_dict())
 
     def _resume(self) -> None:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            dropped = self.metrics.truncate_after(-1)  # lines of a run killed before step 1
+        restored, damaged = self.checkpointer.restore_intact(**self._restore_targets())
+        if damaged:
+            newest = damaged[0]
+            self.log(f"checkpoint step{'s' if len(damaged) > 1 else ''} "
+                     f"{', '.join(str(d.step) for d in damaged)} damaged ({newest.reason}); "
+                     + (f"step {restored.step} is intact, resuming from {restored.step}"
+                        if restored else "no intact step")
+                     + (f"; moved to {newest.moved_to}" if newest.moved_to else ""))
+        if restored is None:
+            if damaged:
+                raise NoIntactCheckpoint(
+                    f"--resume: no intact checkpoint in {self.output_dir / 'checkpoints'} "
+                    "(damaged steps were moved aside); start a new run with another "
+                    "output_dir, or drop --resume after moving this one away")
             self.log(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; "
-                     f"starting from step 0 ({dropped} earlier log lines dropped)")
+                     "starting from step 0")
+            self._move_old_metrics_aside("the metrics of the run killed before its first "
+                                         "checkpoint")
             return
-        restored = self._restore(self.checkpointer, latest)
-        saved, now = restored.config, self.config.to_dict()
-        changed = sorted(k for k in now if k not in ("steps", "progress") and
-                         saved.get(k) != now[k])
+        self._use_restored(restored)
+        changed = config_changes(restored.config, self.config.to_dict())
         if changed:
-            self.log(f"warning: resuming with config sections changed since the checkpoint: "
-                     f"{changed}")
+            self.log("warning: resuming with settings changed since the checkpoint: "
+                     + "; ".join(changed))
         self.run_key = restored.rng_key
         self.stream.load_state_dict(restored.data_state)
         self.counters.load(restored.extra)
         self.start_step = restored.step
-        dropped = self.metrics.truncate_after(restored.step)
-        self.log(f"resumed from step {restored.step} ({dropped} later log lines dropped)")
+        dropped, whole = self.metrics.truncate_after(restored.step)
+        self.log(f"resumed from step {restored.step}"
+                 + (f" ({dropped} log lines after it dropped; the file as it was is kept as "
+                    f"{whole})" if dropped else ""))
 
     def _check_fresh_output_dir(self) -> None:
         """A new run never mixes with an old one: checkpoints there are an error (resume or
-        pick another output_dir); an old metrics file is kept under a new name."""
+        pick another output_dir), raised before anything is written."""
         if self.checkpointer is not None and self.checkpointer.all_steps():
             raise FileExistsError(
                 f"{self.output_dir} already holds checkpoints {self.checkpointer.all_steps()} "
                 "of another run; pass --resume to continue it, or set output_dir=... for a "
                 "new run")
-        if self.is_main and self.metrics.path.exists():
-            kept = self.metrics.path.with_name(f"metrics.{int(time.time())}.jsonl")
-            os.replace(self.metrics.path, kept)
-            self.log(f"an earlier run's metrics were moved to {kept}")
 
-    def _restore(self, checkpointer, step: int | None):
-        """Load train state (and teacher weights) of ``step`` into this trainer."""
+    def _move_old_metrics_aside(self, what: str) -> None:
+        kept = self.metrics.move_aside()  # never deleted
+        if kept is not None:
+            self.log(f"{what} were moved to {kept}")
+
+    def _restore_targets(self) -> dict[str, Any]:
+        """The abstract, sharded train state and teacher a checkpoint restores into."""
         sharding = self.programs.state_sharding
         abstract_teacher = None if self.teacher_params is None else \
             abstract_like(self.teacher_params, sharding.params)
-        restored = checkpointer.restore(step, abstract_train_state=abstract_like(self.state,
-                                                                                 sharding),
-                                        abstract_teacher_params=abstract_teacher)
+        return {"abstract_train_state": abstract_like(self.state, sharding),
+                "abstract_teacher_params": abstract_teacher}
+
+    def _use_restored(self, restored) -> None:
         self.state = restored.train_state
         if self.teacher_params is not None:
             self.teacher_params = restored.teacher_params
         nnx.update(self.model, self.state.params)
+
+    def _restore(self, checkpointer, step: int | None):
+        """Load train state (and teacher weights) of ``step`` into this trainer."""
+        restored = checkpointer.restore(step, **self._restore_targets())
+        self._use_restored(restored)
         return restored
 
     def restore_weights(self, run_dir: str | os.PathLike) -> int:
@@ -238,15 +271,23 @@ class Trainer:
         return restored.step
 
     # ------------------------------------------------------------------ the loop
-    def _on_sigterm(self, signum, frame):
-        self._stop_requested = True
-        self.log("SIGTERM: finishing this step, writing a checkpoint, then exiting")
+    def _on_stop_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.stop_signal is not None:  # asked twice: the user does not want to wait
+            self.log(f"{name} again: exiting now; the last committed checkpoint is intact")
+            # raised, not os._exit: a notebook kernel survives a second interrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.stop_signal = signum
+        self.log(f"{name}: finishing this step, writing a checkpoint, then exiting "
+                 "(send it again to exit at once)")
 
     def run(self) -> dict[str, Any]:
-        """Train from ``start_step`` to ``config.steps``; returns a summary."""
+        """Train from ``start_step`` to ``config.steps``; returns a summary. SIGINT (Ctrl-C)
+        and SIGTERM finish the step, save and raise :class:`RunInterrupted`."""
         cfg = self.config
         on_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
+        previous = {sig: signal.signal(sig, self._on_stop_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {cfg.method}",
                    unit="step", dynamic_ncols=True) if cfg.progress and self.is_main else None
         loop = StepLoop(self, bar)
@@ -258,11 +299,12 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.wait_until_finished()
             self.metrics.flush()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return {"history": loop.history, "eval": loop.last_eval, "eval_step": loop.eval_step,
-                "output_dir": str(self.output_dir), "metrics_path": str(self.metrics.path),
-                "checkpoint_dir": str(self.output_dir / "checkpoints")}
+                "output_dir": os.fspath(self.output_dir),
+                "metrics_path": os.fspath(self.metrics.path),
+                "checkpoint_dir": os.fspath(self.output_dir / "checkpoints")}
 
     def close(self) -> None:
         if self.checkpointer is not None:
