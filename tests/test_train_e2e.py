@@ -86,7 +86,8 @@ def test_train_checkpoint_resume_identical(method, checkpoint_dir, tmp_path):
 def test_resume_drops_log_lines_after_the_checkpoint(checkpoint_dir, tmp_path):
     """A run killed after logging step 3 but before its next checkpoint: the resumed log
     reads like one uninterrupted run."""
-    run = Trainer(_config(checkpoint_dir, tmp_path, "grpo", 2))
+    logged = {"logging.completions_every": 1}  # the rollouts' text follows the same rule
+    run = Trainer(_config(checkpoint_dir, tmp_path, "grpo", 2, **logged))
     run.run()
     run.close()
     with pytest.raises(FileExistsError, match="pass --resume to continue it"):
@@ -94,12 +95,22 @@ def test_resume_drops_log_lines_after_the_checkpoint(checkpoint_dir, tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "kind": "train", "reward_mean": 0.5}) + "\n")
         f.write('{"step": 4, "kind": "tra')  # a line cut by the kill
-    resumed = Trainer(_config(checkpoint_dir, tmp_path, "grpo", 3), resume=True)
+    with open(tmp_path / "completions.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "kind": "completion", "completion": "killed"}) + "\n")
+    resumed = Trainer(_config(checkpoint_dir, tmp_path, "grpo", 3, **logged), resume=True)
     resumed.run()
     resumed.close()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert "grad_norm" in records[2]  # the re-run step 3, not the killed run's line
+    # logging.completions_every=1: every rollout of every step, once, with its verdict
+    rows = read_metrics(tmp_path / "completions.jsonl", kind="completion")
+    assert [r["step"] for r in rows] == [1] * 8 + [2] * 8 + [3] * 8
+    assert all(r["completion"] != "killed" for r in rows)
+    assert [r["group"] for r in rows[:8]] == [0] * 4 + [1] * 4
+    for r in rows:
+        assert r["prompt"] and r["gold"] and r["feedback"] in ("correct", "wrong value")
+        assert r["reward"] == float(r["correct"]) == float(len(r["completion"]) % 2 == 0)
 
 
 def test_eval_and_summary(checkpoint_dir, tmp_path):

@@ -296,6 +296,20 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """What a run writes besides its metrics."""
+
+    # every N steps, that step's prompts, completions, rewards and verifier feedback go to
+    # <output_dir>/completions.jsonl and TensorBoard text (TRL's log_completions); 0 = never
+    completions_every: int = 0
+
+    def __post_init__(self):
+        if self.completions_every < 0:
+            raise ValueError(f"logging.completions_every must be >= 0 (0 = never), got "
+                             f"{self.completions_every}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunShapes:
     """The array shapes of one training iteration (as the trainer pads them)."""
 
@@ -336,6 +350,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
     tensorboard: bool = True
     progress: bool = True
 

@@ -52,8 +52,12 @@ class StepLoop:
         while step < cfg.steps:
             if t.stop_signal is not None:  # arrived during the first eval: nothing new to save
                 raise RunInterrupted(step, t.stop_signal)
-            self.log(t.train_step(step).metrics, step + 1)
+            record = t.train_step(step)
+            self.log(record.metrics, step + 1)
             step += 1
+            every = cfg.logging.completions_every
+            if every and step % every == 0:
+                t.log_completions(step, record.completions())
             if t.counters.consecutive_skips >= cfg.max_consecutive_skips:
                 raise TrainingStopped(
                     f"{t.counters.consecutive_skips} consecutive steps had non-finite loss or "

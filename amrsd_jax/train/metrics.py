@@ -111,6 +111,11 @@ class MetricsLogger:
                         self._tb.add_scalar(f"{kind}/{k}", v, int(step))
         return record
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """A Markdown text record in TensorBoard (nothing without TensorBoard)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, int(step))
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()

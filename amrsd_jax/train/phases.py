@@ -82,6 +82,16 @@ class StepRecord:
     def reflections(self) -> list | None:
         return None if self.teacher is None else self.teacher.reflections
 
+    def completions(self) -> list[dict]:
+        """One record per rollout: its group, prompt, completion, gold answer, reward,
+        correctness and the verifier's feedback (``logging.completions_every``)."""
+        r = self.rollouts
+        return [{"group": i // r.group_size, "prompt": ex["prompt"], "completion": text,
+                 "gold": str(ex["answer"]), "reward": float(reward), "correct": bool(ok),
+                 "feedback": result.feedback}
+                for i, (ex, text, reward, ok, result) in enumerate(zip(
+                    r.examples, r.texts, r.rewards, r.verified.correct, r.verified.results))]
+
 
 def bucket_rows(rows: np.ndarray, quantum: int, limit: int) -> np.ndarray:
     """``rows`` padded (repeating its first entry) to ``min(quantum * 2**k, limit)``

@@ -92,6 +92,10 @@ class Trainer:
         if not resume and not evaluate_only:
             self._check_fresh_output_dir()  # a refused run writes nothing into the old one
         # evaluate-only runs log under <output_dir>/eval and never write checkpoints
+        # logging.completions_every: a second JSONL next to metrics.jsonl
+        self.completions = MetricsLogger(
+            self.output_dir, tensorboard=False, filename="completions.jsonl",
+            enabled=self.is_main and not evaluate_only and cfg.logging.completions_every > 0)
         self.metrics = MetricsLogger(self.output_dir / "eval" if evaluate_only
                                      else self.output_dir, tensorboard=cfg.tensorboard,
                                      enabled=self.is_main)
@@ -222,6 +226,7 @@ class Trainer:
         self.counters.load(restored.extra)
         self.start_step = restored.step
         dropped, whole = self.metrics.truncate_after(restored.step)
+        self.completions.truncate_after(restored.step)  # kept whole first, like the metrics
         self.log(f"resumed from step {restored.step}"
                  + (f" ({dropped} log lines after it dropped; the file as it was is kept as "
                     f"{whole})" if dropped else ""))
@@ -237,8 +242,23 @@ class Trainer:
 
     def _move_old_metrics_aside(self, what: str) -> None:
         kept = self.metrics.move_aside()  # never deleted
+        self.completions.move_aside()
         if kept is not None:
             self.log(f"{what} were moved to {kept}")
+
+    def log_completions(self, step: int, rows: list[dict]) -> None:
+        """Write one step's rollouts (``StepRecord.completions``) to ``completions.jsonl``
+        and, as a Markdown table, to TensorBoard text."""
+        for row in rows:
+            self.completions.log(step, row, kind="completion")
+
+        def cell(text) -> str:
+            return " ".join(str(text).split()).replace("|", "\\|")[:300]
+
+        table = ["| group | reward | prompt | completion | feedback |", "|---|---|---|---|---|"]
+        table += [f"| {r['group']} | {r['reward']:.2f} | {cell(r['prompt'])} | "
+                  f"{cell(r['completion'])} | {cell(r['feedback'])} |" for r in rows]
+        self.metrics.log_text(step, "completions", "\n".join(table))
 
     def _restore_targets(self) -> dict[str, Any]:
         """The abstract, sharded train state and teacher a checkpoint restores into."""
@@ -310,6 +330,7 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.metrics.close()
+        self.completions.close()
 
 
 def train(config: TrainConfig, *, resume: bool = False, **kwargs) -> dict[str, Any]:
