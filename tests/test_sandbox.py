@@ -27,7 +27,10 @@ TESTS = "assert add3(1) == 4\nassert add3(5) == 8\n"
 
 @pytest.fixture(scope="module")
 def sandbox() -> Sandbox:
-    return default_sandbox(CONFIG)
+    try:
+        return default_sandbox(CONFIG)
+    except SandboxSetupError as e:  # a machine that allows no isolation at all: say so
+        pytest.skip(f"no sandbox can be set up on this machine: {e}")
 
 
 def _leftovers(sandbox: Sandbox) -> list[int]:
