@@ -143,15 +143,17 @@ def allgather_json(local: list) -> list:
     return out
 
 
-def map_rows(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+def map_rows(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *,
+             to_json: Callable[[R], Any] = lambda r: r,
+             from_json: Callable[[Any], R] = lambda j: j) -> list[R]:
     """``fn(items)`` computed as each process's :func:`process_share` of ``items`` and
-    all-gathered: the same list on every process, the work split over them. ``fn`` returns
-    JSON values (lists, dicts, strings, numbers)."""
+    all-gathered: the same list on every process, the work split over them. Results cross
+    processes as JSON (``to_json`` / ``from_json``); on one process they are not encoded."""
     if not is_multiprocess():
         return list(fn(items))
     share = process_share(len(items))
-    local = list(fn(items[share])) if share.stop > share.start else []
-    return allgather_json(local)
+    local = [to_json(r) for r in fn(items[share])] if share.stop > share.start else []
+    return [from_json(j) for j in allgather_json(local)]
 
 
 def all_processes(flag: bool) -> bool:

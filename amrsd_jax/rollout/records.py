@@ -56,14 +56,16 @@ def verify(texts: Sequence[str], golds: Sequence[str], *, reward: str = "math",
     if len(texts) != len(golds):
         raise ValueError(f"got {len(texts)} responses but {len(golds)} gold answers")
 
-    def score_rows(rows: Sequence[int]) -> list[list]:  # [reward result, format result]
+    def score_rows(rows: Sequence[int]) -> list[tuple]:  # (reward result, format result)
         mine, gold = [texts[i] for i in rows], [golds[i] for i in rows]
         results, _ = score_batch(reward, mine, gold, timeout_s=timeout_s,
                                  wall_timeout_s=wall_timeout_s)
         fmt = score_batch("format", mine, gold)[0] if format_weight else [None] * len(rows)
-        return [[_to_json(r), _to_json(f)] for r, f in zip(results, fmt)]
+        return list(zip(results, fmt))
 
-    pairs = [[_from_json(r), _from_json(f)] for r, f in map_rows(score_rows, range(len(texts)))]
+    pairs = map_rows(score_rows, range(len(texts)),
+                     to_json=lambda pair: [_to_json(r) for r in pair],
+                     from_json=lambda row: tuple(_from_json(r) for r in row))
     results = [r for r, _ in pairs]
     errors = sum(r.error is not None for r in results)
     rewards = np.array([r.reward for r in results], np.float32)

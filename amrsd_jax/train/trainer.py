@@ -335,7 +335,6 @@ class Trainer:
 
 def train(config: TrainConfig, *, resume: bool = False, **kwargs) -> dict[str, Any]:
     """Build a :class:`Trainer`, run it, close it; returns :meth:`Trainer.run`'s summary."""
-    maybe_initialize_distributed()
     trainer = Trainer(config, resume=resume, **kwargs)
     try:
         return trainer.run()
