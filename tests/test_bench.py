@@ -187,8 +187,21 @@ def test_compare_runs_reports_and_reuses(checkpoint_dir, tmp_path, monkeypatch):
     assert "gated_frac_mean" in result["summary"]["amr_sd/symmetric"]
     assert (out / "compare.png").stat().st_size > 10_000
     assert (out / "compare_diagnostics.png").stat().st_size > 10_000  # the AMR-SD variant's
-    table = (out / "compare.md").read_text()
-    assert table.count("\n") == 4 and "amr_sd/symmetric" in table
+    # the paired difference against GRPO is taken question by question on the same held-out
+    # questions, so its mean is the difference of the two runs' final pass@1
+    paired = result["summary"]["amr_sd/symmetric"]["paired"]
+    for kind, key in (("sampled", "pass@1_sampled"), ("greedy", "pass@1_greedy")):
+        assert [r["seed"] for r in paired[kind]["per_seed"]] == [0, 1]
+        for r in paired[kind]["per_seed"]:
+            runs = result["runs"]
+            expected = (runs["amr_sd/symmetric"][str(r["seed"])]["eval"][-1][key]
+                        - runs["grpo"][str(r["seed"])]["eval"][-1][key])
+            assert r["diff"] == pytest.approx(expected, abs=1e-9)
+            assert r["questions"] == runs["grpo"][str(r["seed"])]["eval"][-1]["num_questions"]
+    assert "paired" not in result["summary"]["grpo"]
+    table, paired_md = (out / "compare.md").read_text().split("\n\n")
+    assert table.count("\n") == 3 and "amr_sd/symmetric" in table
+    assert "amr_sd/symmetric" in paired_md and "grpo |" not in paired_md
 
     # finished runs are reused: a second call trains nothing
     def fail(*a, **k):
@@ -196,6 +209,31 @@ def test_compare_runs_reports_and_reuses(checkpoint_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare, "train", fail)
     assert compare.main(_args(argv)) == 0
+
+
+def test_paired_differences_and_their_standard_errors():
+    """Per seed: mean and SE over questions of the per-question difference (only questions
+    both runs evaluated); over seeds: mean and SE of the per-seed differences."""
+    def run(n_correct, greedy, ids=None):
+        ids = ids or [f"q{i}" for i in range(len(n_correct))]
+        return {"final_outcomes": {"id": ids, "n_correct": n_correct, "greedy_correct": greedy,
+                                   "num_samples": [2] * len(n_correct)}}
+
+    runs = {"grpo": {0: run([0, 1, 2, 0], [0, 1, 1, 0]), 1: run([0, 0, 0, 0], [0, 0, 0, 0])},
+            "x": {0: run([2, 1, 0, 2], [1, 1, 1, 0]),
+                  1: run([2, 2, 0, 1, 9], [1, 0, 0, 0, 1], ["q0", "q1", "q2", "q3", "extra"])}}
+    paired = compare.paired_against(runs, "x")
+    d0 = np.array([1.0, 0.0, -1.0, 1.0])  # (n_x - n_grpo) / 2 per question, seed 0
+    d1 = np.array([1.0, 1.0, 0.0, 0.5])  # seed 1; "extra" was not evaluated by grpo
+    s0, s1 = paired["sampled"]["per_seed"]
+    assert (s0["questions"], s1["questions"]) == (4, 4)
+    assert s0["diff"] == pytest.approx(d0.mean()) and s1["diff"] == pytest.approx(d1.mean())
+    assert s0["se"] == pytest.approx(d0.std(ddof=1) / 2)
+    assert paired["sampled"]["mean"] == pytest.approx((d0.mean() + d1.mean()) / 2)
+    assert paired["sampled"]["se"] == pytest.approx(
+        np.std([d0.mean(), d1.mean()], ddof=1) / np.sqrt(2))
+    assert paired["greedy"]["per_seed"][0]["diff"] == pytest.approx(0.25)
+    assert compare.paired_against({"x": runs["x"]}, "x") is None  # no baseline runs
 
 
 def test_expand_variants():

@@ -19,6 +19,11 @@ Variants (the issue's comparison and the ablations of the paper's Table 3 kind):
 The step-0 held-out evaluation depends only on the seed (same initial weights, same
 evaluation key), so it runs once per seed and is shared by that seed's variants.
 
+Every variant's final held-out evaluation is also compared with GRPO's of the same seed,
+question by question (``eval_outcomes.jsonl`` of each run; :func:`paired_against`): the
+difference in pass@1 with its standard error, which is what tells a 0.05 difference from
+noise.
+
 Outputs: ``<out>/compare.json`` (settings, per-run curves, per-variant summaries),
 ``<out>/compare.png`` (train reward and held-out pass@1 against step, mean and min-max band
 over seeds) and the table printed as Markdown (also ``<out>/compare.md``).
@@ -57,6 +62,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "amr_sd/no_anneal": ("amr_sd", ("method_config.amr_sd.decay_steps=null",)),
 }
 PASS1 = "pass@1_sampled"
+BASELINE = "grpo"  # the paired differences are taken against it
 
 
 def expand_variants(spec: str) -> list[str]:
@@ -162,8 +168,10 @@ def load_runs(out: Path, variants: list[str], seeds: list[int]) -> dict[str, dic
                 evals = [json.loads(initial.read_text())] + evals
             done = json.loads((directory / "done.json").read_text())
             rollout = done["config"]["rollout"]
+            outcomes = read_metrics(directory / "eval_outcomes.jsonl", "eval_outcomes")
             runs.setdefault(variant, {})[seed] = {
                 "train": read_metrics(directory / "metrics.jsonl", "train"), "eval": evals,
+                "final_outcomes": outcomes[-1] if outcomes else None,
                 "wall_s": done["wall_s"],
                 "batch": rollout["prompts_per_step"] * rollout["group_size"]}
     return runs
@@ -197,6 +205,80 @@ def summarize(per_seed: dict[int, dict]) -> dict[str, Any]:
         row["reflections"] = round(sum(t.get("reflected_frac", 0.0) * r["batch"]
                                        for r in per_seed.values() for t in r["train"]))
     return row
+
+
+def _question_scores(outcomes: dict) -> dict[str, dict]:
+    """``{"sampled": {id: pass@1}, "greedy": {id: 0/1}}`` of one evaluation."""
+    scores: dict[str, dict] = {}
+    if "n_correct" in outcomes:
+        scores["sampled"] = {str(i): c / k for i, c, k in zip(
+            outcomes["id"], outcomes["n_correct"], outcomes["num_samples"])}
+    if "greedy_correct" in outcomes:
+        scores["greedy"] = {str(i): float(c) for i, c in zip(outcomes["id"],
+                                                              outcomes["greedy_correct"])}
+    return scores
+
+
+def paired_against(runs: dict[str, dict[int, dict]], variant: str,
+                   baseline: str = BASELINE) -> dict[str, Any] | None:
+    """Final held-out pass@1 of ``variant`` minus ``baseline``, paired by seed and question.
+
+    Per seed: the mean over the questions both runs evaluated of the per-question difference
+    (sampled: ``n_correct / num_samples``; greedy: 0/1), with its standard error over
+    questions (the evaluation noise of that seed). Over seeds: the mean of the per-seed
+    differences and its standard error over seeds (evaluation noise plus the run-to-run
+    spread; NaN with one seed). None when no seed has both runs' per-question outcomes."""
+    per_seed: dict[str, list[dict]] = {"sampled": [], "greedy": []}
+    for seed in sorted(runs.get(variant, {})):
+        ours = runs[variant][seed].get("final_outcomes")
+        theirs = runs.get(baseline, {}).get(seed, {}).get("final_outcomes")
+        if not ours or not theirs:
+            continue
+        a, b = _question_scores(ours), _question_scores(theirs)
+        for kind in per_seed:
+            if kind not in a or kind not in b:
+                continue
+            common = sorted(set(a[kind]) & set(b[kind]))
+            diffs = np.array([a[kind][q] - b[kind][q] for q in common])
+            if len(diffs) < 2:
+                continue
+            per_seed[kind].append({"seed": seed, "questions": len(diffs),
+                                   "diff": float(diffs.mean()),
+                                   "se": float(diffs.std(ddof=1) / math.sqrt(len(diffs)))})
+    if not any(per_seed.values()):
+        return None
+    result: dict[str, Any] = {"baseline": baseline}
+    for kind, rows in per_seed.items():
+        diffs = [r["diff"] for r in rows]
+        result[kind] = {"per_seed": rows, "mean": _mean_std(diffs)[0],
+                        "se": (statistics.stdev(diffs) / math.sqrt(len(diffs))
+                               if len(diffs) > 1 else math.nan)}
+    return result
+
+
+def _paired_cell(paired: dict | None, kind: str) -> str:
+    if not paired or not paired[kind]["per_seed"]:
+        return "-"
+    p = paired[kind]
+    seeds = ", ".join(f"{r['diff']:+.3f}±{r['se']:.3f}" for r in p["per_seed"])
+    se = "" if math.isnan(p["se"]) else f" ± {p['se']:.3f}"
+    return f"**{p['mean']:+.3f}{se}** ({seeds})"
+
+
+def paired_table(summary: dict[str, dict]) -> str:
+    """Differences against the baseline, paired per seed and question (``paired_against``)."""
+    head = ("| variant | questions per seed | Δ pass@1 sampled vs GRPO: mean ± SE over seeds "
+            "(per seed ± SE over questions) | Δ greedy vs GRPO |")
+    lines = [head, "| --- | --- | --- | --- |"]
+    for variant, row in summary.items():
+        paired = row.get("paired")
+        if variant == BASELINE or not paired:
+            continue
+        questions = sorted({r["questions"] for k in ("sampled", "greedy")
+                            for r in paired[k]["per_seed"]})
+        lines.append(f"| {variant} | {'/'.join(map(str, questions))} | "
+                     f"{_paired_cell(paired, 'sampled')} | {_paired_cell(paired, 'greedy')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _fmt(row: dict, key: str) -> str:
@@ -316,12 +398,18 @@ def plot_diagnostics(runs: dict[str, dict[int, dict]], path: Path, variants: lis
 def report(out: Path, variants: list[str], seeds: list[int], settings: dict) -> dict:
     runs = load_runs(out, variants, seeds)
     summary = {v: summarize(runs[v]) for v in variants if v in runs}
+    for variant, row in summary.items():
+        if variant != BASELINE:
+            row["paired"] = paired_against(runs, variant)
     missing = [f"{v} seed {s}" for v in variants for s in seeds
                if s not in runs.get(v, {})]
     result = {"settings": settings, "summary": summary, "missing": missing,
               "runs": {v: {str(s): r for s, r in per.items()} for v, per in runs.items()}}
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     table = markdown_table(summary)
+    paired = paired_table(summary)
+    if paired:
+        table += "\n\n" + paired
     (out / "compare.md").write_text(table + "\n")
     if runs:
         plot(runs, out / "compare.png",

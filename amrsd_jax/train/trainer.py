@@ -99,6 +99,11 @@ class Trainer:
         self.metrics = MetricsLogger(self.output_dir / "eval" if evaluate_only
                                      else self.output_dir, tensorboard=cfg.tensorboard,
                                      enabled=self.is_main)
+        # every evaluation's per-question outcomes, so two runs evaluated on the same
+        # questions can be compared question by question (bench compare's paired differences)
+        self.eval_outcomes = MetricsLogger(
+            self.metrics.path.parent, tensorboard=False, filename="eval_outcomes.jsonl",
+            enabled=self.is_main)
         self.start_step = 0
         self.stop_signal: int | None = None  # SIGINT / SIGTERM received during run()
         if resume:
@@ -186,6 +191,11 @@ class Trainer:
                           progress=progress and self.is_main)
         metrics = {**report.metrics, "time/eval": time.perf_counter() - t0}
         self.metrics.log(step, metrics, kind="eval")
+        records = report.records  # one line per evaluation: a list per field, in id order
+        self.eval_outcomes.log(step, {"id": [r["id"] for r in records], **{
+            key: [cast(r[key]) for r in records] for key, cast in (
+                ("greedy_correct", bool), ("n_correct", int), ("num_samples", int))
+            if records and key in records[0]}}, kind="eval_outcomes")
         return metrics
 
     def save(self, step: int) -> None:
@@ -227,6 +237,7 @@ class Trainer:
         self.start_step = restored.step
         dropped, whole = self.metrics.truncate_after(restored.step)
         self.completions.truncate_after(restored.step)  # kept whole first, like the metrics
+        self.eval_outcomes.truncate_after(restored.step)
         self.log(f"resumed from step {restored.step}"
                  + (f" ({dropped} log lines after it dropped; the file as it was is kept as "
                     f"{whole})" if dropped else ""))
@@ -243,6 +254,7 @@ class Trainer:
     def _move_old_metrics_aside(self, what: str) -> None:
         kept = self.metrics.move_aside()  # never deleted
         self.completions.move_aside()
+        self.eval_outcomes.move_aside()
         if kept is not None:
             self.log(f"{what} were moved to {kept}")
 
@@ -331,6 +343,7 @@ class Trainer:
             self.checkpointer.close()
         self.metrics.close()
         self.completions.close()
+        self.eval_outcomes.close()
 
 
 def train(config: TrainConfig, *, resume: bool = False, **kwargs) -> dict[str, Any]:
