@@ -28,6 +28,16 @@ from .sharding import shard_batch, state_shardings
 from .update import StepConfig, TrainState, init_train_state, make_update_step, place_state
 
 
+def use_compilation_cache(directory: str, *, min_compile_time_s: float = 1.0) -> None:
+    """JAX's persistent compilation cache in ``directory`` (a local path or gs://): every
+    program that took at least ``min_compile_time_s`` to compile is stored there and loaded,
+    not compiled, by a later process with the same program (a run restarted after a
+    preemption, the next seed of a comparison). Takes effect for the whole process."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramBuilder:
     """What a method's ``extra_programs`` hook gets to build its own jitted programs."""

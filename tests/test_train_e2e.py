@@ -113,15 +113,31 @@ def test_resume_drops_log_lines_after_the_checkpoint(checkpoint_dir, tmp_path):
         assert r["reward"] == float(r["correct"]) == float(len(r["completion"]) % 2 == 0)
 
 
-def test_eval_and_summary(checkpoint_dir, tmp_path):
-    cfg = _config(checkpoint_dir, tmp_path, "grpo", 1, **{"eval.at_start": "true",
-                                                          "eval.at_end": "true"})
+def test_eval_and_summary(checkpoint_dir, tmp_path, monkeypatch):
+    """Evaluations with per-question outcomes; the profiler window and the compilation
+    cache directory of the config reach JAX."""
+    import amrsd_jax.train.trainer as trainer_module
+
+    cache_dirs = []
+    monkeypatch.setattr(trainer_module, "use_compilation_cache", cache_dirs.append)
+    cfg = _config(checkpoint_dir, tmp_path, "grpo", 2, **{
+        "eval.at_start": "true", "eval.at_end": "true", "logging.profile_steps": "[2,2]",
+        "compile_cache_dir": str(tmp_path / "xla")})
     trainer = Trainer(cfg)
     summary = trainer.run()
     trainer.close()
+    assert cache_dirs == [str(tmp_path / "xla")]
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000  # one window, one trace
     evals = read_metrics(tmp_path / "metrics.jsonl", kind="eval")
-    assert [r["step"] for r in evals] == [0, 1]
-    for r in evals:
+    assert [r["step"] for r in evals] == [0, 2]
+    outcomes = read_metrics(tmp_path / "eval_outcomes.jsonl", kind="eval_outcomes")
+    assert [r["step"] for r in outcomes] == [0, 2]
+    for r, o in zip(evals, outcomes):
         assert 0.0 <= r["pass@1_greedy"] <= 1.0 and 0.0 <= r["pass@2"] <= 1.0
-        assert r["num_questions"] == 3
+        assert r["num_questions"] == 3 and len(o["id"]) == len(set(o["id"])) == 3
+        # the per-question outcomes are what the aggregate metrics were computed from
+        assert np.mean(o["greedy_correct"]) == pytest.approx(r["pass@1_greedy"])
+        assert np.mean(np.divide(o["n_correct"], o["num_samples"])) == \
+            pytest.approx(r["pass@1_sampled"])
     assert summary["eval"]["num_questions"] == 3

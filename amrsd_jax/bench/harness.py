@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import programs
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -75,12 +77,10 @@ def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float
 
 
 def use_compilation_cache(directory: str | os.PathLike) -> None:
-    """Keep every compiled XLA program in ``directory`` (no minimum compile time or size):
-    runs that build fresh jitted closures of the same programs, in this process or a
-    later one, compile each only once."""
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    """Keep every compiled XLA program in ``directory`` (no minimum compile time): runs that
+    build fresh jitted closures of the same programs, in this process or a later one,
+    compile each only once."""
+    programs.use_compilation_cache(str(directory), min_compile_time_s=0.0)
 
 
 def progress(bench: str, message: str) -> None:

@@ -302,11 +302,21 @@ class LoggingConfig:
     # every N steps, that step's prompts, completions, rewards and verifier feedback go to
     # <output_dir>/completions.jsonl and TensorBoard text (TRL's log_completions); 0 = never
     completions_every: int = 0
+    # a profiler trace (TensorBoard / Perfetto / XProf) of steps a..b inclusive (1-based as in
+    # metrics.jsonl), written by process 0 to <output_dir>/profile; None = no trace
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.completions_every < 0:
             raise ValueError(f"logging.completions_every must be >= 0 (0 = never), got "
                              f"{self.completions_every}")
+        if self.profile_steps is not None:
+            steps = tuple(self.profile_steps)
+            if len(steps) != 2 or not all(isinstance(x, int) and x >= 1 for x in steps) \
+                    or steps[0] > steps[1]:
+                raise ValueError(f"logging.profile_steps must be [first, last] with 1 <= first "
+                                 f"<= last, e.g. [3, 4], got {self.profile_steps!r}")
+            object.__setattr__(self, "profile_steps", steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +363,9 @@ class TrainConfig:
     logging: LoggingConfig = LoggingConfig()
     tensorboard: bool = True
     progress: bool = True
+    # JAX's persistent compilation cache (a local path or gs://): a restarted or resumed run
+    # with the same shapes loads its programs instead of compiling them; None = off
+    compile_cache_dir: str | None = None
 
     def __post_init__(self):
         method = get_method(self.method)  # unknown name -> error naming the nearest

@@ -7,6 +7,8 @@ import dataclasses
 import signal
 from typing import Any
 
+import jax
+
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps); the last good checkpoint is
@@ -22,6 +24,33 @@ class RunInterrupted(Exception):
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
         super().__init__(f"stopped at step {step} on {self.signal_name}")
+
+
+class ProfileWindow:
+    """A ``jax.profiler`` trace of steps ``first..last`` (1-based, inclusive) into
+    ``directory`` (TensorBoard's profile plugin, XProf and Perfetto read it); only on the
+    process given ``enabled``. ``steps=None`` does nothing."""
+
+    def __init__(self, steps: tuple[int, int] | None, directory, *, enabled: bool, log):
+        self.first, self.last = steps if steps and enabled else (None, None)
+        self.directory, self.log, self.active = directory, log, False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if step == self.last:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.effects_barrier()  # the traced steps' device work ends inside the trace
+            jax.profiler.stop_trace()
+            self.active = False
+            self.log(f"profiler trace of steps {self.first}-{self.last} written to "
+                     f"{self.directory} (tensorboard --logdir {self.directory})")
 
 
 @dataclasses.dataclass
@@ -49,10 +78,21 @@ class StepLoop:
         if cfg.eval.at_start and t.start_step == 0:
             self.evaluate(0)
         step = t.start_step
+        profiler = ProfileWindow(cfg.logging.profile_steps, t.output_dir / "profile",
+                                 enabled=t.is_main, log=t.log)
+        try:
+            self._steps(step, profiler)
+        finally:
+            profiler.stop()  # an exception or a signal must not leave a trace half-written
+
+    def _steps(self, step: int, profiler: "ProfileWindow") -> None:
+        t, cfg = self.trainer, self.trainer.config
         while step < cfg.steps:
             if t.stop_signal is not None:  # arrived during the first eval: nothing new to save
                 raise RunInterrupted(step, t.stop_signal)
+            profiler.before(step + 1)
             record = t.train_step(step)
+            profiler.after(step + 1)
             self.log(record.metrics, step + 1)
             step += 1
             every = cfg.logging.completions_every

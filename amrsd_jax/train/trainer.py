@@ -34,7 +34,7 @@ from ..distributed import check_agreement, maybe_initialize_distributed
 from ..evaluation import EvalSettings, evaluate
 from ..methods.base import MethodContext
 from ..models import load_model
-from ..programs import build_programs
+from ..programs import build_programs, use_compilation_cache
 from ..rollout.sampler import resolve_pad_id, resolve_stop_ids
 from ..sharding import make_mesh, shard_model
 from ..update import make_optimizer
@@ -63,6 +63,8 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(*check_mesh(cfg, jax.device_count()))
         check_agreement("the run config", cfg.to_dict())  # before any shape is derived from it
+        if cfg.compile_cache_dir:  # before the first program is compiled
+            use_compilation_cache(cfg.compile_cache_dir)
         self.output_dir = epath.Path(cfg.output_dir)  # a gs:// URL stays one
         self.model, self.tokenizer = self._load(model, tokenizer)
         self.train_data = prepare_split(self.tokenizer, cfg, "train", train_examples, self.log)
