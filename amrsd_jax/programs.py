@@ -73,6 +73,7 @@ class Programs:
     batch: UpdateBatch
     pad_id: int
     stop_ids: list[int]
+    reshard_weights: bool = True  # sampling in the rollout layout (see generate)
 
     @property
     def method(self) -> Method:
@@ -92,7 +93,7 @@ class Programs:
         nnx.update(self.model, params)
         out = generate(self.model, prompt_ids, prompt_mask, key, sampling,
                        stop_tokens=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
-                       return_state=keep_cache)
+                       return_state=keep_cache, reshard_weights=self.reshard_weights)
         if keep_cache:
             return jax.tree.map(to_host, out[0]), out[1]
         return jax.tree.map(to_host, out)
@@ -104,7 +105,7 @@ class Programs:
         nnx.update(self.model, params)
         out = continue_generation(self.model, kv_state, rows, suffix_ids, suffix_mask, key,
                                   sampling, stop_tokens=self.stop_ids, pad_id=self.pad_id,
-                                  mesh=self.mesh)
+                                  mesh=self.mesh, reshard_weights=self.reshard_weights)
         return jax.tree.map(to_host, out)
 
     def lower_sample(self, rows: int, prompt_len: int, sampling: SamplingConfig):
@@ -114,14 +115,16 @@ class Programs:
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              state, state_shardings(state, self.mesh))
         return lower_generate(graphdef, state, rows, prompt_len, sampling,
-                              num_stop_ids=len(self.stop_ids), mesh=self.mesh)
+                              num_stop_ids=len(self.stop_ids), mesh=self.mesh,
+                              reshard_weights=self.reshard_weights)
 
 
 def build_programs(model: Decoder, mesh: Mesh, *, step: StepConfig,
                    optimizer: optax.GradientTransformation, batch: UpdateBatch, pad_id: int,
-                   stop_ids: Sequence[int]) -> Programs:
+                   stop_ids: Sequence[int], reshard_weights: bool = True) -> Programs:
     """Every program of a run, for ``model`` (real or ``nnx.eval_shape``-abstract, already
-    sharded on ``mesh``) and the update step's ``batch`` fields (host or abstract arrays)."""
+    sharded on ``mesh``) and the update step's ``batch`` fields (host or abstract arrays);
+    ``reshard_weights``: the samplers decode in the rollout layout (``rollout.reshard_weights``)."""
     graphdef, _, other = nnx.split(model, nnx.Param, ...)
     method = step.method
     update, state_sharding = make_update_step(model, optimizer, step, mesh, batch)
@@ -137,4 +140,5 @@ def build_programs(model: Decoder, mesh: Mesh, *, step: StepConfig,
     score, score_old = on_mesh(score), on_mesh(score_old)
     extra = {name: on_mesh(fn) for name, fn in extra.items()}
     return Programs(model, mesh, step, optimizer, update, state_sharding, score, score_old,
-                    extra, batch, int(pad_id), sorted(int(i) for i in stop_ids))
+                    extra, batch, int(pad_id), sorted(int(i) for i in stop_ids),
+                    reshard_weights)

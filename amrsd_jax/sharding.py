@@ -20,6 +20,7 @@ import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core.spmd import apply_rules
@@ -44,6 +45,13 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_embed", None),
     ("head_dim", None),
 )
+
+
+# The sampler's weight layout: weights whole on every device of a data x fsdp group (split
+# over tensor only), so decoding a token needs no weight collective; the rows stay split
+# over data x fsdp. One all-gather per sampling call replaces one per weight per token.
+ROLLOUT_RULES = tuple((name, None) if name == "embed" else (name, axes)
+                      for name, axes in DEFAULT_RULES)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -116,6 +124,20 @@ def shard_batch(x, mesh: Mesh, rules=DEFAULT_RULES):
         spec = _fit_spec(P(dict(rules)["batch"]), a.shape, mesh) if a.ndim else P()
         return put_global(a, NamedSharding(mesh, spec))
     return jax.tree.map(put, x)
+
+
+def rollout_weights(state: nnx.State, mesh: Mesh, dtype, rules=ROLLOUT_RULES) -> nnx.State:
+    """Inside a traced program: the model's weights in the sampling layout (``rules``),
+    floating weights cast to the compute ``dtype`` first (the layers cast them to it anyway,
+    so the result is unchanged and the gathered copy is half the size of fp32 weights)."""
+    shardings = state_shardings(state, mesh, rules)
+
+    def put(x, sharding):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dtype)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(put, state, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -15,7 +15,8 @@ from conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
-MESHES = [pytest.param((2, 2, 2), id="data2-fsdp2-tensor2"), pytest.param((8, 1, 1), id="data8")]
+MESHES = [pytest.param((2, 2, 2), id="data2-fsdp2-tensor2"), pytest.param((8, 1, 1), id="data8"),
+          pytest.param((1, 8, 1), id="fsdp8")]
 IDS = np.random.default_rng(7).integers(4, 96, (8, 10)).astype(np.int32)
 MASK = np.ones_like(IDS)
 MASK[::2, :3] = 0
@@ -98,3 +99,29 @@ def test_indivisible_dimensions_fall_back_to_replication():
 def test_mesh_shape_must_match_devices():
     with pytest.raises(ValueError, match="devices"):
         make_mesh(3, 1, 1)
+
+
+def _decode_loop(mesh, reshard_weights):
+    from amrsd_jax import hlo
+    from amrsd_jax.rollout.sampler import lower_generate
+    from amrsd_jax.sharding import state_shardings
+
+    graphdef, state = nnx.split(shard_model(tiny_model(seed=1), mesh))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, state_shardings(state, mesh))
+    lowered = lower_generate(graphdef, state, 16, 10, SamplingConfig(max_new_tokens=8),
+                             num_stop_ids=1, mesh=mesh, reshard_weights=reshard_weights)
+    return hlo.decode_loop_collectives(lowered.compile().as_text())
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 4, 1)], ids=["fsdp8", "data2-fsdp4"])
+def test_rollout_layout_has_no_weight_collectives_per_token(shape):
+    """In the rollout layout the weights are gathered once per sampling call: the token
+    loop moves only the rows' stop flags (one all-reduce of a predicate), while in the
+    training (fsdp) layout every layer's weights are gathered again for every token."""
+    mesh = make_mesh(*shape)
+    rollout, training = _decode_loop(mesh, True), _decode_loop(mesh, False)
+    assert rollout["loops"] == training["loops"] == 1
+    assert rollout["collectives"] <= 1 and rollout["bytes"] <= 8, rollout
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(tiny_model(seed=1))))
+    assert training["bytes"] > weight_bytes / 2, (training, weight_bytes)  # the old layout

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from ..models.decoder import Decoder, init_cache, positions_from_mask
-from ..sharding import activation_layout, batch_sharding, replicated, shard_batch
+from ..sharding import (activation_layout, batch_sharding, replicated, rollout_weights,
+                        shard_batch)
 
 # ~1.5x apart: padding wastes at most a third of the compute, and a run still compiles only
 # a handful of programs
@@ -223,14 +224,25 @@ def _final_state(cache, context_mask, out: SampleOutput) -> KVState:
     return KVState(cache, kv_mask, jnp.sum(kv_mask, axis=-1).astype(jnp.int32))
 
 
+def _sampling_model(graphdef, state, mesh, reshard_weights: bool) -> Decoder:
+    """The model a sampling program decodes with: with a mesh and ``reshard_weights``, its
+    weights in the rollout layout (:func:`amrsd_jax.sharding.rollout_weights`), gathered
+    once per call rather than once per token."""
+    model: Decoder = nnx.merge(graphdef, state)
+    if mesh is None or not reshard_weights:
+        return model
+    return nnx.merge(graphdef, rollout_weights(state, mesh, model.config.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p", "return_state", "mesh"))
+                                             "use_top_p", "return_state", "mesh",
+                                             "reshard_weights"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperature, top_p,
               new_token_limit, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
-              return_state=False, mesh=None):
+              return_state=False, mesh=None, reshard_weights=True):
     # activations (the stacked KV cache, q/k/v, logits) are pinned to `mesh` while tracing
     with activation_layout(mesh):
-        model: Decoder = nnx.merge(graphdef, state)
+        model = _sampling_model(graphdef, state, mesh, reshard_weights)
         batch, prompt_len = prompt_ids.shape
         slots = prompt_len + max_new_tokens
         pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
@@ -248,12 +260,12 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p", "mesh"))
+                                             "use_top_p", "mesh", "reshard_weights"))
 def _continue(graphdef, state, prior: KVState, rows, suffix_ids, suffix_mask, stop_ids, key,
               temperature, top_p, new_token_limit, pad_id, *, max_new_tokens, greedy, top_k,
-              use_top_p, mesh=None):
+              use_top_p, mesh=None, reshard_weights=True):
     with activation_layout(mesh):
-        model: Decoder = nnx.merge(graphdef, state)
+        model = _sampling_model(graphdef, state, mesh, reshard_weights)
         batch, suffix_len = suffix_ids.shape
         pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
         # the chosen rows' caches, with room for the suffix and the new tokens after them
@@ -306,7 +318,7 @@ def left_pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int):
 def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
              config: SamplingConfig = SamplingConfig(), *, stop_tokens=None,
              pad_id: int | None = None, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-             mesh=None, return_state: bool = False):
+             mesh=None, return_state: bool = False, reshard_weights: bool = True):
     """Sample continuations of left-padded prompts.
 
     Args:
@@ -322,6 +334,10 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
         should already be sharded with :func:`amrsd_jax.sharding.shard_model`).
       return_state: also return the :class:`KVState`, to continue these rows with
         :func:`continue_generation` without recomputing their prompt and response.
+      reshard_weights: with a mesh, decode with the weights in the rollout layout (whole on
+        each data x fsdp device, split over tensor only, in the compute dtype): one gather
+        per call instead of weight collectives at every token. ``False`` decodes in the
+        weights' own (training) layout, for a model too large to hold that way.
 
     Returns:
       :class:`SampleOutput` with ``N = config.max_new_tokens`` columns (and the
@@ -337,7 +353,7 @@ def generate(model: Decoder, prompt_ids, prompt_mask, key: jax.Array,
         ids, mask, stops = shard_batch((ids, mask, stops), mesh)
     graphdef, state = nnx.split(model)
     out = _generate(graphdef, state, ids, mask, stops, key, *_sampling_args(config, pad_id),
-                    **_static_args(config, new_tokens, return_state, mesh))
+                    **_static_args(config, new_tokens, return_state, mesh, reshard_weights))
     if return_state:
         out, kv_state = out
         return _trim(out, config.max_new_tokens), kv_state
@@ -348,7 +364,7 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
                         key: jax.Array, config: SamplingConfig = SamplingConfig(), *,
                         stop_tokens=None, pad_id: int | None = None,
                         buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                        mesh=None) -> SampleOutput:
+                        mesh=None, reshard_weights: bool = True) -> SampleOutput:
     """Append ``suffix`` tokens to earlier generations and sample after them.
 
     The prompt and response of each chosen row are already in ``prior``'s KV cache (from
@@ -379,13 +395,13 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
     out = _continue(graphdef, state, prior, rows, ids, mask, stops, key,
                     *_sampling_args(config, pad_id), max_new_tokens=new_tokens,
                     greedy=config.is_greedy, top_k=config.top_k, use_top_p=config.top_p < 1.0,
-                    mesh=mesh)
+                    mesh=mesh, reshard_weights=reshard_weights)
     return _trim(out, config.max_new_tokens)
 
 
 def lower_generate(graphdef, state, batch: int, prompt_len: int, config: SamplingConfig, *,
                    num_stop_ids: int, mesh, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                   return_state: bool = False):
+                   return_state: bool = False, reshard_weights: bool = True):
     """Lower the program :func:`generate` runs for ``batch`` prompts of ``prompt_len``
     tokens, from abstract inputs: ``state`` may hold sharded ``ShapeDtypeStruct`` leaves
     (``nnx.split`` of an ``nnx.eval_shape`` model), so no weights are needed."""
@@ -400,14 +416,17 @@ def lower_generate(graphdef, state, batch: int, prompt_len: int, config: Samplin
     scalars = [jax.ShapeDtypeStruct((), a.dtype, sharding=rep)
                for a in jax.eval_shape(lambda: _sampling_args(config, 0))]
     return _generate.lower(graphdef, state, ids, ids, stops, key, *scalars,
-                           **_static_args(config, new_tokens, return_state, mesh))
+                           **_static_args(config, new_tokens, return_state, mesh,
+                                          reshard_weights))
 
 
-def _static_args(config: SamplingConfig, new_tokens: int, return_state: bool, mesh) -> dict:
+def _static_args(config: SamplingConfig, new_tokens: int, return_state: bool, mesh,
+                 reshard_weights: bool) -> dict:
     """The compile-time arguments of :func:`_generate` for a sampling config (and the mesh
-    its activations are laid out on, or ``None``)."""
+    its activations are laid out on, or ``None``, and the weights' layout)."""
     return dict(max_new_tokens=new_tokens, greedy=config.is_greedy, top_k=config.top_k,
-                use_top_p=config.top_p < 1.0, return_state=return_state, mesh=mesh)
+                use_top_p=config.top_p < 1.0, return_state=return_state, mesh=mesh,
+                reshard_weights=reshard_weights)
 
 
 def _host_inputs(cfg, ids, mask, config: SamplingConfig, stop_tokens, pad_id, buckets):

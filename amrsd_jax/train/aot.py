@@ -59,6 +59,7 @@ from jax._src import xla_bridge
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .. import hlo
 from ..config import ConfigError
 from ..models.decoder import Decoder
 from ..models.presets import PRESETS, architecture_config, match_preset, preset_names
@@ -162,7 +163,14 @@ def _compile(jitted, args, *, platform: str, lowered=None) -> dict:
     stats["total"] = (stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
                       + stats["generated_code"])
     out = {k: v / GIB for k, v in stats.items()}
-    out.update(lower_s=t1 - t0, compile_s=t2 - t1)
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    text = compiled.as_text()
+    out.update(lower_s=t1 - t0, compile_s=t2 - t1,
+               gflops=float(cost.get("flops", float("nan"))) / 1e9,
+               collective_mib=hlo.summary(text)["collective_bytes"] / 2**20,
+               # per decoded token (sampler programs only; 0 loops elsewhere)
+               loop_collective_mib=hlo.decode_loop_collectives(text)["bytes"] / 2**20)
     return out
 
 
@@ -222,7 +230,8 @@ def _abstract_run(config, devices) -> _AbstractRun:
     programs = build_programs(model, mesh, step=config.step_config(method),
                               optimizer=make_optimizer(config.optimizer),
                               batch=config.abstract_batch(mesh, method),
-                              pad_id=resolve_pad_id(arch), stop_ids=arch.eos_token_ids)
+                              pad_id=resolve_pad_id(arch), stop_ids=arch.eos_token_ids,
+                              reshard_weights=config.rollout.reshard_weights)
     params = nnx.state(model, nnx.Param)
     state = _with_shardings(jax.eval_shape(lambda: TrainState(
         params, programs.optimizer.init(params), jnp.zeros((), jnp.int32))),
@@ -327,16 +336,19 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
     unit, scale = ("GiB", 1.0) if peak >= 0.5 else ("MiB", 1024.0)  # MiB for tiny models
     out("")
     out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
-        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}")
+        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'GFLOP':>9}{'coll MiB':>10}"
+        f"{'/token':>8}")
     for p in programs.values():
         v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
                                        "resident", "peak")}
         out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
             f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
-            f"{p['lower_s'] + p['compile_s']:>8.1f}s")
+            f"{p['lower_s'] + p['compile_s']:>8.1f}s{p['gflops']:>9.1f}"
+            f"{p['collective_mib']:>10.1f}{p['loop_collective_mib']:>8.3f}")
     out("  (program = args + out - alias + temp + code; +state = what stays on the device "
         "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
-        "reference weight copies)")
+        "reference weight copies; GFLOP and collective MiB per device, each collective "
+        "counted once (loops not multiplied); /token = collective MiB per decoded token)")
     out("")
     copies = (f", teacher/reference weight copies {run.copies_gib * scale:.2f} {unit}"
               if run.copies_gib else "")

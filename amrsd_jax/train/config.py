@@ -153,6 +153,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # decode with the weights gathered once per sampling call into the rollout layout (whole
+    # on each data x fsdp device, split over tensor only, compute dtype) instead of weight
+    # collectives at every token; false keeps the training (fsdp) layout, for a model whose
+    # compute-dtype weights / tensor do not fit on one chip next to the train state
+    reshard_weights: bool = True
 
     def __post_init__(self):
         if self.group_size < 2:

@@ -75,7 +75,8 @@ class Trainer:
             self.model, self.mesh, step=cfg.step_config(self.method),
             optimizer=make_optimizer(cfg.optimizer), batch=cfg.abstract_batch(method=self.method),
             pad_id=resolve_pad_id(self.tokenizer),
-            stop_ids=resolve_stop_ids(self.tokenizer, self.model.config))
+            stop_ids=resolve_stop_ids(self.tokenizer, self.model.config),
+            reshard_weights=cfg.rollout.reshard_weights)
         params = nnx.state(self.model, nnx.Param)
         # weight copies made before the first step donates the live ones
         self.teacher_params = self.method.init_teacher(params)
