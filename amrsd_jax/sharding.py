@@ -131,13 +131,15 @@ def rollout_weights(state: nnx.State, mesh: Mesh, dtype, rules=ROLLOUT_RULES) ->
     floating weights cast to the compute ``dtype`` first (the layers cast them to it anyway,
     so the result is unchanged and the gathered copy is half the size of fp32 weights)."""
     shardings = state_shardings(state, mesh, rules)
+    where = state_shardings(state, mesh)  # the weights' own (training) layout
 
-    def put(x, sharding):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(dtype)
+    def put(x, sharding, own):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype):
+            # cast in place first: otherwise XLA may gather the fp32 shards and cast after
+            x = jax.lax.with_sharding_constraint(x.astype(dtype), own)
         return jax.lax.with_sharding_constraint(x, sharding)
 
-    return jax.tree.map(put, state, shardings)
+    return jax.tree.map(put, state, shardings, where)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

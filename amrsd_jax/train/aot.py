@@ -337,14 +337,14 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
     out("")
     out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
         f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'GFLOP':>9}{'coll MiB':>10}"
-        f"{'/token':>8}")
+        f"{'/token':>9}")
     for p in programs.values():
         v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
                                        "resident", "peak")}
         out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
             f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
             f"{p['lower_s'] + p['compile_s']:>8.1f}s{p['gflops']:>9.1f}"
-            f"{p['collective_mib']:>10.1f}{p['loop_collective_mib']:>8.3f}")
+            f"{p['collective_mib']:>10.1f}{p['loop_collective_mib']:>9.1f}")
     out("  (program = args + out - alias + temp + code; +state = what stays on the device "
         "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
         "reference weight copies; GFLOP and collective MiB per device, each collective "
