@@ -141,7 +141,8 @@ class AMRSD(Method):
             cut += was_cut
         enc = encode_chat(ctx.tokenizer, messages + [messages[0]] * (len(padded) - len(rows)),
                           max_tokens=run.reflection.max_teacher_prompt_tokens,
-                          system_prompt=run.model.system_prompt, on_long="truncate")
+                          system_prompt=run.model.system_prompt, on_long="truncate",
+                          min_width=ctx.min_width(run.reflection.max_teacher_prompt_tokens))
         counts["truncated_teacher_prompts"] = cut
         return TeacherInputs(enc.ids, enc.mask, np.ones(len(padded), bool), rows, padded,
                              reflections, metrics, counts)
@@ -168,12 +169,14 @@ class AMRSD(Method):
             ended = (sample.lengths[padded] > 0) & np.isin(last, programs.stop_ids)
             enc = encode_follow_up(ctx.tokenizer, requests, ended, programs.stop_ids,
                                    max_tokens=cfg.max_prompt_tokens,
-                                   system_prompt=run.model.system_prompt)
+                                   system_prompt=run.model.system_prompt,
+                                   min_width=ctx.min_width(cfg.max_prompt_tokens))
             out = programs.continue_(ctx.params, rollouts.kv_state, padded, enc.ids, enc.mask,
                                      ctx.teacher_key, sampling)
         else:
             enc = encode_chat(ctx.tokenizer, requests, max_tokens=cfg.max_prompt_tokens,
-                              system_prompt=run.model.system_prompt, on_long="truncate")
+                              system_prompt=run.model.system_prompt, on_long="truncate",
+                              min_width=ctx.min_width(cfg.max_prompt_tokens))
             out = programs.sample(ctx.params, enc.ids, enc.mask, ctx.teacher_key, sampling)
         n = len(rows)
         raw = decode_responses(ctx.tokenizer, out.tokens[:n], out.lengths[:n])

@@ -108,6 +108,8 @@ class MethodContext:
     step: the optimizer step the coming update will be (``TrainState.step``).
     teacher_key / score_key: PRNG keys of the teacher-input and scoring phases.
     bucket_rows: ``rows -> padded rows`` (a compiled bucket size that shards evenly).
+    static_shapes: row subsets and prompts are padded to their largest shapes
+      (``TrainConfig.static_shapes``): :meth:`min_width` gives the width to pad to.
     """
 
     config: Any
@@ -119,6 +121,13 @@ class MethodContext:
     teacher_key: jax.Array
     score_key: jax.Array
     bucket_rows: Callable[[np.ndarray], np.ndarray]
+    static_shapes: bool = False
+
+    def min_width(self, max_tokens: int) -> int:
+        """The least width of a batch of prompts of at most ``max_tokens`` tokens: all of it
+        with static shapes (the programs see one shape), else 0 (the longest prompt's
+        bucket)."""
+        return max_tokens if self.static_shapes else 0
 
     @property
     def teacher_weights(self):

@@ -80,7 +80,8 @@ _TURN_MARK = "\x00AMRSD_TURN\x00"
 def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequence[bool],
                      stop_ids: Sequence[int], *, max_tokens: int,
                      system_prompt: str | None = None,
-                     buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedPrompts:
+                     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                     min_width: int = 0) -> EncodedPrompts:
     """Tokens that continue an assistant turn with a new user ``messages[i]`` and the next
     assistant header, as the chat template renders them (``[batch, width]`` left-padded).
 
@@ -89,6 +90,7 @@ def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequen
     is dropped for rows whose response already ended with a stop token
     (``ended_with_stop[i]``), and kept to close the turn of a response cut at the length
     limit. Longer than ``max_tokens``: the last ``max_tokens`` are kept (``truncated``).
+    The width is at least ``min_width`` (then bucketed), as in :func:`encode_chat`.
     """
     # the text after the assistant turn does not depend on the turns before it
     convs = [[{"role": "user", "content": "?"}, {"role": "assistant", "content": _TURN_MARK},
@@ -103,7 +105,7 @@ def encode_follow_up(tokenizer, messages: Sequence[str], ended_with_stop: Sequen
         if len(row) > max_tokens:
             row, truncated = row[-max_tokens:], truncated + 1
         out_rows.append(row)
-    ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets)
+    ids, mask = _left_pad_bucketed(tokenizer, out_rows, buckets, min_width)
     return EncodedPrompts(ids, mask, tuple(range(len(out_rows))), 0, truncated)
 
 

@@ -371,6 +371,11 @@ class TrainConfig:
     # JAX's persistent compilation cache (a local path or gs://): a restarted or resumed run
     # with the same shapes loads its programs instead of compiling them; None = off
     compile_cache_dir: str | None = None
+    # pad every row-subset program (AMR-SD's reflection sampler and teacher scorer) to the
+    # step's rows and its prompts to their token limits: the first step compiles every
+    # program and no later step compiles (a TPU compile costs minutes), at the cost of
+    # computing on padding; false buckets them (a few shapes, compiled as they first occur)
+    static_shapes: bool = False
 
     def __post_init__(self):
         method = get_method(self.method)  # unknown name -> error naming the nearest

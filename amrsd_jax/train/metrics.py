@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any, Mapping
 
+import jax
 from etils import epath
 
 from .config import is_url
@@ -167,4 +168,32 @@ class PhaseTimer:
         out = {f"time/{k}": v for k, v in self.seconds.items()}
         out["time/step"] = sum(self.seconds.values())
         self.seconds = {}
+        return out
+
+
+# JAX reports every XLA compilation (not a persistent-cache hit) under this event
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = {"count": 0, "seconds": 0.0}
+
+
+def _on_event_duration(event: str, duration: float, **_) -> None:
+    if event == _COMPILE_EVENT:
+        _compiles["count"] += 1
+        _compiles["seconds"] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
+
+
+class CompileCounter:
+    """XLA compilations of this process since the last :meth:`pop`: a step that compiles
+    after the first one met a new shape (``compiles``, ``time/compile`` in the metrics)."""
+
+    def __init__(self):
+        self._count, self._seconds = _compiles["count"], _compiles["seconds"]
+
+    def pop(self) -> dict[str, float]:
+        count, seconds = _compiles["count"], _compiles["seconds"]
+        out = {"compiles": count - self._count, "time/compile": seconds - self._seconds}
+        self._count, self._seconds = count, seconds
         return out

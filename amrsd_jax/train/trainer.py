@@ -41,7 +41,7 @@ from ..update import make_optimizer
 from .checkpoint import NoIntactCheckpoint, RunCheckpointer, abstract_like
 from .config import TrainConfig, check_mesh, config_changes
 from .data import prepare_split, prompt_stream
-from .metrics import MetricsLogger, PhaseTimer
+from .metrics import CompileCounter, MetricsLogger, PhaseTimer
 from .loop import RunInterrupted, StepLoop, TrainingStopped  # noqa: F401 - part of the API
 from .phases import (Counters, StepRecord, bucket_rows, drop_groups, rollout_phase, row_quantum,
                      score_phase, update_phase)
@@ -83,7 +83,9 @@ class Trainer:
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.policy.kl_beta > 0 else None
         self.state = self.programs.init_state()
         self.run_key = jax.random.key(cfg.seed)
-        self._row_quantum = row_quantum(cfg.rollout.group_size, self.mesh)
+        # static shapes: every row subset is padded to the step's rows (one program shape)
+        self._row_quantum = (cfg.rollout.batch_size if cfg.static_shapes
+                             else row_quantum(cfg.rollout.group_size, self.mesh))
         self.counters = Counters(skipped_long_prompts=self.train_data.skipped_long,
                                  truncated_long_prompts=self.train_data.truncated_long,
                                  method=dict.fromkeys(self.method.counters, 0))
@@ -131,7 +133,7 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def train_step(self, step: int) -> StepRecord:
         """Run iteration ``step`` (0-based): its metrics and the update step's inputs."""
-        cfg, timer = self.config, PhaseTimer()
+        cfg, timer, compiles = self.config, PhaseTimer(), CompileCounter()
         k_roll, k_teacher, k_score = jax.random.split(jax.random.fold_in(self.run_key, step), 3)
         params = self.state.params
         first = step == self.start_step  # this process's first step compiles its programs
@@ -148,7 +150,8 @@ class Trainer:
         ctx = MethodContext(cfg, self.tokenizer, self.programs, params, self.teacher_params,
                             int(self.state.step), k_teacher, k_score,
                             functools.partial(bucket_rows, quantum=self._row_quantum,
-                                              limit=rollouts.num_rows))
+                                              limit=rollouts.num_rows),
+                            static_shapes=cfg.static_shapes)
         with timer("reflect"):
             teacher = self.method.teacher_inputs(ctx, rollouts)
             if teacher is not None:
@@ -167,7 +170,7 @@ class Trainer:
         self.counters.consecutive_skips = self.counters.consecutive_skips + 1 \
             if result.skipped else 0
         self.counters.add({"skipped_steps": int(result.skipped)})
-        metrics = {**result.metrics, **host, **score_metrics, **timer.pop()}
+        metrics = {**result.metrics, **host, **score_metrics, **timer.pop(), **compiles.pop()}
         metrics["tokens_per_second"] = float(rollouts.sample.mask.sum()) / max(
             metrics["time/step"], 1e-9)
         metrics["epoch"] = self.stream.epoch
