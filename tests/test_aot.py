@@ -184,9 +184,11 @@ def test_options_and_reexec_command(tmp_path):
     assert aot.main_dry_run(None, ["rollout.group_size=1"]) == 2
     assert aot.main_dry_run(None, ["dry_run.tpu=v9"]) == 2
     assert aot.main_dry_run(None, ["dry_run.target=gpu"]) == 2
-    # compile-only TPU topologies: one JAX device per chip (v5e / v6e) and libtpu installed
-    assert aot.tpu_topology_devices("v4", 16) is None
-    assert aot.main_dry_run(None, ["dry_run.target=tpu", "dry_run.tpu=v4"]) == 2
+    # compile-only TPU topologies: v4 / v5e / v6e with a slice of that many devices
+    assert aot.tpu_topology_devices("v5p", 16) is None
+    assert aot.tpu_topology_devices("v4", 12) is None
+    assert aot.main_dry_run(None, ["dry_run.target=tpu", "dry_run.tpu=v5p"]) == 2
+    assert aot._TPU_TOPOLOGIES["v4"][16] == "v4:2x2x2"  # 8 chips, 2 TensorCores each
     with pytest.raises(RuntimeError, match="needs 10000 devices"):
         aot.ensure_fake_devices(10000)
 

@@ -11,7 +11,7 @@ per-device bytes of its arguments, outputs and temporaries; adding what stays re
 device during that phase (optimizer moments, teacher / reference weight copies) gives a
 per-device peak to compare with the HBM budget.
 
-With ``libtpu`` installed (``pip install libtpu``; no TPU needed) and a v5e / v6e budget, the
+With ``libtpu`` installed (``pip install libtpu``; no TPU needed) and a v4 / v5e / v6e budget, the
 programs are compiled by the TPU compiler itself for a compile-only topology of the slice
 (``jax.experimental.topologies``), so the numbers are the TPU's. Otherwise the mesh is made
 of fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which must be
@@ -82,11 +82,19 @@ _CHILD_ENV = "AMRSD_DRY_RUN_CHILD"
 _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_llvm_disable_expensive_passes": True}
 _OPTION_KEYS = ("hbm_gib", "tpu", "devices", "sampler", "json", "target")
-# TPU generations whose chips are one JAX device each, so that a compile-only topology of
-# libtpu (no TPU attached) matches the real run: chips -> topology name suffix
-_TPU_TOPOLOGIES = {"v5e": "v5e", "v6e": "v6e"}
+# Compile-only topologies of libtpu (no TPU attached) with ``n`` devices, per generation.
+# v5e / v6e chips are one device each, as in a real run. libtpu's compile-only v4 topology
+# exposes each of a chip's two TensorCores as a device, while a real v4 run (megacore) has
+# one device per chip: the v4 topology with ``n`` devices has the run's mesh and per-device
+# shapes, compiled for one core (labelled so in the report).
 _GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
             256: "16x16"}
+_TPU_TOPOLOGIES = {
+    "v5e": {n: f"v5e:{g}" for n, g in _GRID_2D.items()},
+    "v6e": {n: f"v6e:{g}" for n, g in _GRID_2D.items()},
+    "v4": {8: "v4:2x2x1", 16: "v4:2x2x2", 32: "v4:2x2x4", 64: "v4:2x4x4", 128: "v4:4x4x4",
+           256: "v4:4x4x8"},
+}
 
 ESTIMATE_NOTE = ("memory from XLA's compile of the same sharded programs for {platform} "
                  "devices; on TPU, layouts (tiling/padding), fusion and bf16 handling differ, "
@@ -305,9 +313,12 @@ def _print_header(run: _AbstractRun, config_name: str, compile_only: bool, out) 
     config, arch, shapes = run.config, run.arch, run.config.shapes()
     n_params = run.n_params
     device = run.devices[0]
-    kind = ("fake CPU" if run.platform == "cpu" else
-            f"{device.device_kind} (compile-only topology, libtpu)" if compile_only
-            else device.device_kind)
+    kind = device.device_kind
+    if run.platform == "cpu":
+        kind = "fake CPU"
+    elif compile_only:
+        kind += (" (compile-only topology, libtpu; one TensorCore per device, the run's mesh)"
+                 if _per_core(device) else " (compile-only topology, libtpu)")
     data, fsdp, tensor = run.mesh_shape
     fields = ", ".join(run.programs.batch.present)
     out(f"amrsd_jax dry run{' of ' + config_name if config_name else ''}: ahead-of-time "
@@ -374,7 +385,7 @@ def _print_notes(run: _AbstractRun, out) -> None:
             out("  note: XLA:CPU mostly ignores rematerialisation (jax.checkpoint / "
                 "model.remat_policy) and computes bf16 in f32, so the update step's CPU temp memory "
                 "is a loose upper bound, often several times the TPU compiler's; install "
-                "libtpu for the TPU's own numbers (dry_run.target=tpu; v5e / v6e)")
+                "libtpu for the TPU's own numbers (dry_run.target=tpu; v4 / v5e / v6e)")
     else:
         out(f"  note: compiled by the {run.devices[0].device_kind} compiler (XLA's memory "
             "analysis of the real program); runtime overheads (allocator fragmentation, "
@@ -430,14 +441,17 @@ def dry_run(config, *, devices=None, hbm_gib: float | None = None, tpu: str | No
 # ----------------------------------------------------------------------------- devices
 def tpu_topology_devices(tpu: str | None, n: int):
     """Compile-only devices of a TPU slice with ``n`` chips (``libtpu`` needed, no TPU), or
-    ``None`` when libtpu is missing or ``tpu`` is not a one-device-per-chip generation."""
-    if tpu is None or tpu.lower() not in _TPU_TOPOLOGIES or n not in _GRID_2D:
+    ``None`` when libtpu is missing or has no such topology of ``tpu``."""
+    name = _TPU_TOPOLOGIES.get((tpu or "").lower(), {}).get(n)
+    if name is None or importlib.util.find_spec("libtpu") is None:
         return None
-    if importlib.util.find_spec("libtpu") is None:
-        return None
-    name = f"{_TPU_TOPOLOGIES[tpu.lower()]}:{_GRID_2D[n]}"
     devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     return devices if len(devices) == n else None
+
+
+def _per_core(device) -> bool:
+    """A compile-only device that is one TensorCore of a two-core chip (libtpu's v4)."""
+    return "v4" in device.device_kind.lower()
 
 
 def _with_device_count(xla_flags: str, n: int) -> str:
@@ -509,7 +523,7 @@ def main_dry_run(config_path, overrides: Sequence[str] = (), *, hbm_gib: float |
     """Entry point of ``run.py train --dry-run``: load the config, get the devices (re-running
     itself with fake CPU devices if this process has too few), :func:`dry_run`, print.
 
-    ``target``: ``tpu`` compiles with libtpu for a compile-only TPU topology (v5e / v6e),
+    ``target``: ``tpu`` compiles with libtpu for a compile-only TPU topology (v4 / v5e / v6e),
     ``cpu`` on fake CPU devices, ``auto`` (default) the former when possible.
 
     Returns 0 if the run fits the HBM budget (or only the CPU upper-bound estimate is over
@@ -571,8 +585,9 @@ def _tpu_devices(target: str, generation: str | None, n: int, out):
             "devices")
     if target == "tpu" and devices is None:
         raise ValueError(f"dry_run.target=tpu needs the libtpu package and a TPU generation among "
-                         f"{sorted(_TPU_TOPOLOGIES)} with a chip count among "
-                         f"{sorted(_GRID_2D)} (got {generation!r}, {n} chips)")
+                         f"{sorted(_TPU_TOPOLOGIES)} with a device count among "
+                         f"{sorted(_TPU_TOPOLOGIES.get(generation or '', _GRID_2D))} "
+                         f"(got {generation!r}, {n} devices)")
     return devices
 
 
@@ -623,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="TPU generation for the budget (default: named in the config's "
                              f"file name, else {DEFAULT_TPU})")
     parser.add_argument("--target", default="auto", choices=("auto", "cpu", "tpu"),
-                        help="tpu: TPU compiler, compile-only topology (needs libtpu; v5e/v6e); "
+                        help="tpu: TPU compiler, compile-only topology (needs libtpu; v4/v5e/v6e); "
                              "cpu: fake CPU devices; auto: tpu when possible")
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     parser.add_argument("--no-sampler", action="store_true",
