@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from amrsd_jax.sharding import make_mesh, shard_batch
-from amrsd_jax.train.checkpoint import RunCheckpointer, abstract_like
+from amrsd_jax.train.checkpoint import (CheckpointMismatch, RunCheckpointer, abstract_like,
+                                        parameter_mismatch)
 from amrsd_jax.batch import make_batch
 from amrsd_jax.update import (OptimizerConfig, StepConfig, TrainState, init_train_state,
                               make_optimizer, make_update_step, place_state)
@@ -220,6 +221,34 @@ def test_restore_from_empty_directory_names_it(tmp_path, single_state):
         assert ckpt.latest_step() is None
         with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
             ckpt.restore(abstract_train_state=abstract_like(state))
+
+
+@pytest.mark.parametrize("other", [dict(num_layers=2), dict(scan_layers=False),
+                                   dict(hidden_size=48)], ids=["depth", "looped", "width"])
+def test_another_models_checkpoint_is_a_mismatch_not_damage(tmp_path, single_state, other):
+    """A step saved for another model (or with model.scan_layers changed) raises one error
+    naming the differing parameters, and is left where it is (damage is moved aside)."""
+    with RunCheckpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(3, train_state=single_state, rng_key=jax.random.key(0), data_state={},
+                  config=CONFIG)
+    model = nnx.eval_shape(lambda: tiny_model(seed=0, **{"num_layers": 1, **other}))
+    optimizer = make_optimizer(OptimizerConfig())
+    abstract = jax.eval_shape(lambda: init_train_state(model, optimizer))
+    with RunCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointMismatch, match=r"step 3 .* another model's parameters: "
+                           r"\d+ (parameter\(s\) missing|of another shape)"):
+            ckpt.restore_intact(abstract_train_state=abstract)
+        assert ckpt.all_steps() == [3]  # not moved aside
+        # the model it was saved for still restores
+        assert ckpt.restore(3, abstract_train_state=abstract_like(single_state)).step == 3
+
+
+def test_parameter_mismatch_names_each_kind_of_difference():
+    saved = {"a": (2, 3), "b": (4,), "c": (1,)}
+    assert parameter_mismatch(saved, dict(saved)) is None
+    diff = parameter_mismatch(saved, {"a": (2, 3), "b": (5,), "d": (1,)})
+    assert diff == ("1 parameter(s) missing (e.g. d); 1 not in this model (e.g. c); "
+                    "1 of another shape (e.g. b: saved (4,), expected (5,))")
 
 
 def test_abstract_like_broadcasts_prefix_shardings():

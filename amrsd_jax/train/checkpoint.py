@@ -32,7 +32,10 @@ reaches orbax unchanged (a local path is made absolute).
 
 A step that is committed but does not restore (a truncated file, a disk that filled up
 under another tool) is *damaged*: :meth:`RunCheckpointer.restore_intact` moves it aside and
-restores the newest step that is intact, reporting each damaged one in one line.
+restores the newest step that is intact, reporting each damaged one in one line. A step whose
+parameters are another model's (other names or shapes: another model, or ``model.scan_layers``
+changed since it was saved) is not damaged: restoring raises :class:`CheckpointMismatch`
+naming the differences, and nothing is moved.
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ class CheckpointWriteError(OSError):
 
 class NoIntactCheckpoint(FileNotFoundError):
     """``--resume`` found checkpoints, but every one of them is damaged."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint holds another model's parameters (names or shapes differ)."""
 
 
 class DamagedStep(NamedTuple):
@@ -148,6 +155,35 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
     # shardings may be a prefix: map over it and broadcast each sharding over its subtree
     return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: sds(x, s), sub), shardings, tree,
                         is_leaf=lambda s: s is None)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """``'embed_tokens/embedding/value' -> shape`` for every leaf of a parameter tree (an
+    ``nnx.State`` of arrays or ``ShapeDtypeStruct``s, or orbax's metadata tree of one)."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def parameter_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> str | None:
+    """How the saved parameter shapes differ from the expected ones (``None``: they match)."""
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & saved.keys() if expected[k] != saved[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in this model (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: saved {saved[k]}, "
+                     f"expected {expected[k]})")
+    return "; ".join(parts) or None
 
 
 def _check_json(name: str, value: dict) -> dict:
@@ -300,6 +336,7 @@ class RunCheckpointer:
                                     f"{self.directory}; available: {self.all_steps()}")
         run = self._mngr.restore(step, args=ocp.args.Composite(
             **{_RUN: ocp.args.JsonRestore()}))[_RUN]
+        self._check_parameters(step, abstract_train_state.params)
         items = {_STATE: ocp.args.StandardRestore(abstract_train_state),
                  _DATA: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}
         if run["has_teacher"]:
@@ -312,6 +349,18 @@ class RunCheckpointer:
                            rng_key=_decode_key(run["rng_key"]), data_state=out[_DATA],
                            config=out[_CONFIG], extra=run["extra"])
 
+    def _check_parameters(self, step: int, abstract_params: Any) -> None:
+        """Raise :class:`CheckpointMismatch` when ``step`` saved other parameters than
+        ``abstract_params`` describes (read from the step's metadata, before any array)."""
+        path = epath.Path(self.directory) / str(step) / _STATE
+        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        diff = parameter_mismatch(_leaf_shapes(saved["params"]), _leaf_shapes(abstract_params))
+        if diff:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {self.directory} holds another model's parameters: "
+                f"{diff}; resume with the model settings it was saved with (model.name, "
+                "model.scan_layers in its config), or start a new run in another output_dir")
+
     def restore_intact(self, **restore_kwargs) -> tuple[RestoredRun | None, list[DamagedStep]]:
         """:meth:`restore` the newest step that restores, trying older steps past damaged
         ones; returns it (``None`` if no step restores) and the damaged steps, newest first,
@@ -321,6 +370,8 @@ class RunCheckpointer:
         for step in reversed(self.all_steps()):
             try:
                 restored, error = self.restore(step, **restore_kwargs), None
+            except CheckpointMismatch:
+                raise  # intact, just not this model's: never moved aside
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
                 restored, error = None, one_line(e)
             # on a pod one host's shard may be the damaged one: all restore the same step
