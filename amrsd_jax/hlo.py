@@ -9,7 +9,9 @@ collectives may appear (none per decoded token in the rollout layout).
   and result bytes;
 - :func:`decode_loop_collectives`: the collectives executed per iteration of the program's
   data-dependent loops (``while`` loops without a known trip count, i.e. the sampler's
-  token loop; the layer scans inside it count once per layer).
+  token loop; the layer scans inside it count once per layer). The TPU compiler's text
+  carries no trip counts: there every loop looks data-dependent and a nested layer scan
+  counts once, so read it for sampling programs, as a lower bound unless it is 0.
 """
 
 from __future__ import annotations

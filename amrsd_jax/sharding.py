@@ -70,16 +70,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         raise ValueError(
             f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
             f"but {n} are available; set the mesh shape so the product equals {n}")
-    axis_types = (AxisType.Auto,) * 3
-    try:
-        return jax.make_mesh((data, fsdp, tensor), MESH_AXES, devices=devices,
-                             axis_types=axis_types)
-    except AssertionError:
-        # libtpu's compile-only v4 topology has a device per TensorCore, which JAX's
-        # topology-aware layout refuses (it wants one per chip): keep the given order, so a
-        # chip's two cores are neighbours on the innermost axis
-        grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
-        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, devices=devices,
+                         axis_types=(AxisType.Auto,) * 3)
 
 
 def single_device_mesh() -> Mesh:

@@ -188,7 +188,7 @@ def test_options_and_reexec_command(tmp_path):
     assert aot.tpu_topology_devices("v5p", 16) is None
     assert aot.tpu_topology_devices("v4", 12) is None
     assert aot.main_dry_run(None, ["dry_run.target=tpu", "dry_run.tpu=v5p"]) == 2
-    assert aot._TPU_TOPOLOGIES["v4"][16] == "v4:2x2x2"  # 8 chips, 2 TensorCores each
+    assert aot._TPU_TOPOLOGIES["v4"][16] == "v4:2x2x4"  # v4-32: 16 chips in megacore mode
     with pytest.raises(RuntimeError, match="needs 10000 devices"):
         aot.ensure_fake_devices(10000)
 

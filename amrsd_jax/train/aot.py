@@ -82,19 +82,17 @@ _CHILD_ENV = "AMRSD_DRY_RUN_CHILD"
 _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_llvm_disable_expensive_passes": True}
 _OPTION_KEYS = ("hbm_gib", "tpu", "devices", "sampler", "json", "target")
-# Compile-only topologies of libtpu (no TPU attached) with ``n`` devices, per generation.
-# v5e / v6e chips are one device each, as in a real run. libtpu's compile-only v4 topology
-# exposes each of a chip's two TensorCores as a device, while a real v4 run (megacore) has
-# one device per chip: the v4 topology with ``n`` devices has the run's mesh and per-device
-# shapes, compiled for one core (labelled so in the report).
+# Compile-only topologies of libtpu (no TPU attached) with ``n`` devices, one per chip as in
+# a real run (v4 in megacore mode: its chip's two TensorCores are one device)
 _GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
             256: "16x16"}
 _TPU_TOPOLOGIES = {
     "v5e": {n: f"v5e:{g}" for n, g in _GRID_2D.items()},
     "v6e": {n: f"v6e:{g}" for n, g in _GRID_2D.items()},
-    "v4": {8: "v4:2x2x1", 16: "v4:2x2x2", 32: "v4:2x2x4", 64: "v4:2x4x4", 128: "v4:4x4x4",
-           256: "v4:4x4x8"},
+    "v4": {4: "v4:2x2x1", 8: "v4:2x2x2", 16: "v4:2x2x4", 32: "v4:2x4x4", 64: "v4:4x4x4",
+           128: "v4:4x4x8", 256: "v4:4x8x8"},
 }
+_TOPOLOGY_OPTIONS = {"v4": {"chip_config_name": "megacore"}}
 
 ESTIMATE_NOTE = ("memory from XLA's compile of the same sharded programs for {platform} "
                  "devices; on TPU, layouts (tiling/padding), fusion and bf16 handling differ, "
@@ -174,11 +172,13 @@ def _compile(jitted, args, *, platform: str, lowered=None) -> dict:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     text = compiled.as_text()
+    loops = hlo.decode_loop_collectives(text)
     out.update(lower_s=t1 - t0, compile_s=t2 - t1,
                gflops=float(cost.get("flops", float("nan"))) / 1e9,
                collective_mib=hlo.summary(text)["collective_bytes"] / 2**20,
-               # per decoded token (sampler programs only; 0 loops elsewhere)
-               loop_collective_mib=hlo.decode_loop_collectives(text)["bytes"] / 2**20)
+               # per decoded token: read for sampler programs only (the TPU compiler's text
+               # has no trip counts, so there every layer scan looks data-dependent too)
+               loop_collective_mib=loops["bytes"] / 2**20, loops=loops["loops"])
     return out
 
 
@@ -313,12 +313,9 @@ def _print_header(run: _AbstractRun, config_name: str, compile_only: bool, out) 
     config, arch, shapes = run.config, run.arch, run.config.shapes()
     n_params = run.n_params
     device = run.devices[0]
-    kind = device.device_kind
-    if run.platform == "cpu":
-        kind = "fake CPU"
-    elif compile_only:
-        kind += (" (compile-only topology, libtpu; one TensorCore per device, the run's mesh)"
-                 if _per_core(device) else " (compile-only topology, libtpu)")
+    kind = ("fake CPU" if run.platform == "cpu" else
+            f"{device.device_kind} (compile-only topology, libtpu)" if compile_only
+            else device.device_kind)
     data, fsdp, tensor = run.mesh_shape
     fields = ", ".join(run.programs.batch.present)
     out(f"amrsd_jax dry run{' of ' + config_name if config_name else ''}: ahead-of-time "
@@ -349,17 +346,19 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
     out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
         f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'GFLOP':>9}{'coll MiB':>10}"
         f"{'/token':>9}")
-    for p in programs.values():
+    for name, p in programs.items():
         v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
                                        "resident", "peak")}
+        per_token = f"{p['loop_collective_mib']:>9.1f}" if name == "sampler" else f"{'-':>9}"
         out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
             f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
             f"{p['lower_s'] + p['compile_s']:>8.1f}s{p['gflops']:>9.1f}"
-            f"{p['collective_mib']:>10.1f}{p['loop_collective_mib']:>9.1f}")
+            f"{p['collective_mib']:>10.1f}{per_token}")
     out("  (program = args + out - alias + temp + code; +state = what stays on the device "
         "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
         "reference weight copies; GFLOP and collective MiB per device, each collective "
-        "counted once (loops not multiplied); /token = collective MiB per decoded token)")
+        "counted once (loops not multiplied); /token = the sampler's collective MiB per decoded "
+        "token)")
     out("")
     copies = (f", teacher/reference weight copies {run.copies_gib * scale:.2f} {unit}"
               if run.copies_gib else "")
@@ -445,13 +444,9 @@ def tpu_topology_devices(tpu: str | None, n: int):
     name = _TPU_TOPOLOGIES.get((tpu or "").lower(), {}).get(n)
     if name is None or importlib.util.find_spec("libtpu") is None:
         return None
-    devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    devices = list(topologies.get_topology_desc(
+        topology_name=name, platform="tpu", **_TOPOLOGY_OPTIONS.get(tpu.lower(), {})).devices)
     return devices if len(devices) == n else None
-
-
-def _per_core(device) -> bool:
-    """A compile-only device that is one TensorCore of a two-core chip (libtpu's v4)."""
-    return "v4" in device.device_kind.lower()
 
 
 def _with_device_count(xla_flags: str, n: int) -> str:
