@@ -7,11 +7,11 @@ collectives may appear (none per decoded token in the rollout layout).
 
 - :func:`collectives`: every collective instruction of the program, with its computation
   and result bytes;
-- :func:`decode_loop_collectives`: the collectives executed per iteration of the program's
-  data-dependent loops (``while`` loops without a known trip count, i.e. the sampler's
-  token loop; the layer scans inside it count once per layer). The TPU compiler's text
-  carries no trip counts: there every loop looks data-dependent and a nested layer scan
-  counts once, so read it for sampling programs, as a lower bound unless it is 0.
+- :func:`decode_loop_collectives`: the collectives executed per iteration of the sampler's
+  token loop (the ``while`` loop traced under ``jax.named_scope(TOKEN_LOOP)``), nested
+  loops multiplied by their trip count where the compiler states it. XLA:CPU does; the TPU
+  compiler's text does not, so there a layer scan inside the token loop counts once (a
+  lower bound, exact when it is 0).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ _CALLED = re.compile(r"\b(?:body|condition|calls|to_apply)=%?([\w.\-]+)")
 _CALLED_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _WHILE = re.compile(r"\bwhile\(.*?\bbody=%?([\w.\-]+)")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# the name scope the sampler traces its token loop under
+TOKEN_LOOP = "token_loop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +102,16 @@ def _per_iteration(comps: dict[str, list[str]], root: str, seen: frozenset) -> t
     return count, nbytes
 
 
-def decode_loop_collectives(text: str) -> dict[str, int]:
-    """Collectives per iteration of the data-dependent ``while`` loops (no known trip
-    count: a sampler's token loop), summed over such loops, with their condition:
-    ``{"loops", "collectives", "bytes"}``."""
+def decode_loop_collectives(text: str, scope: str = TOKEN_LOOP) -> dict[str, int]:
+    """Collectives per iteration of the ``while`` loops traced under
+    ``jax.named_scope(scope)`` (the sampler's token loop), body and condition, summed over
+    such loops: ``{"loops", "collectives", "bytes"}``."""
     comps = computations(text)
     loops = count = nbytes = 0
     for lines in comps.values():
         for line in lines:
-            loop = _WHILE.search(line)
-            if not loop or _trip_count(line) is not None:
+            loop, op_name = _WHILE.search(line), _OP_NAME.search(line)
+            if not loop or not op_name or not op_name.group(1).endswith(f"{scope}/while"):
                 continue
             loops += 1
             cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
@@ -125,4 +128,5 @@ def summary(text: str) -> dict[str, int]:
     return {"collectives": len(found), "collective_bytes": sum(c.bytes for c in found)}
 
 
-__all__ = ["Collective", "collectives", "computations", "decode_loop_collectives", "summary"]
+__all__ = ["TOKEN_LOOP", "Collective", "collectives", "computations",
+           "decode_loop_collectives", "summary"]

@@ -1,5 +1,7 @@
 """Sharded forward and sampling on 8 fake CPU devices equal the single-device results."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +9,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from amrsd_jax import hlo
 from amrsd_jax.models import load_checkpoint, save_checkpoint
 from amrsd_jax.rollout import SamplingConfig, continue_generation, generate
-from amrsd_jax.sharding import make_mesh, shard_batch, shard_model
+from amrsd_jax.rollout.sampler import lower_generate
+from amrsd_jax.sharding import make_mesh, shard_batch, shard_model, state_shardings
+from amrsd_jax.train.aot import tpu_topology_devices
 
 from conftest import tiny_model
 
@@ -101,12 +106,10 @@ def test_mesh_shape_must_match_devices():
         make_mesh(3, 1, 1)
 
 
-def _decode_loop(mesh, reshard_weights):
-    from amrsd_jax import hlo
-    from amrsd_jax.rollout.sampler import lower_generate
-    from amrsd_jax.sharding import state_shardings
-
-    graphdef, state = nnx.split(shard_model(tiny_model(seed=1), mesh))
+def _decode_loop(mesh, reshard_weights, **model):
+    """Collectives per decoded token of the sampler compiled for ``mesh`` (abstract weights,
+    so the mesh may be a compile-only TPU topology)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: tiny_model(seed=1, **model)))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, state_shardings(state, mesh))
     lowered = lower_generate(graphdef, state, 16, 10, SamplingConfig(max_new_tokens=8),
@@ -125,3 +128,18 @@ def test_rollout_layout_has_no_weight_collectives_per_token(shape):
     assert rollout["collectives"] <= 1 and rollout["bytes"] <= 8, rollout
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(tiny_model(seed=1))))
     assert training["bytes"] > weight_bytes / 2, (training, weight_bytes)  # the old layout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install 'amrsd_jax[tpu-aot]')")
+def test_rollout_layout_on_the_tpu_compiler():
+    """The TPU compiler keeps the rollout layout's token loop free of weight collectives
+    too (an untied lm_head, bf16 compute; its text has no trip counts, so a nested layer
+    scan counts once: the training layout's number is a lower bound)."""
+    mesh = make_mesh(1, 8, 1, devices=tpu_topology_devices("v5e", 8))
+    model = dict(num_layers=4, vocab_size=2048, hidden_size=256, intermediate_size=512,
+                 num_heads=8, num_kv_heads=4, head_dim=32, dtype="bfloat16")
+    rollout, training = _decode_loop(mesh, True, **model), _decode_loop(mesh, False, **model)
+    assert rollout["loops"] == training["loops"] == 1
+    assert rollout["collectives"] <= 1 and rollout["bytes"] <= 8, rollout
+    assert training["bytes"] > 2**20, training  # at least one layer's weights per token

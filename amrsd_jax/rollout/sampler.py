@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..hlo import TOKEN_LOOP
 from ..models.decoder import Decoder, init_cache, positions_from_mask
 from ..sharding import (activation_layout, batch_sharding, replicated, rollout_weights,
                         shard_batch)
@@ -212,7 +213,8 @@ def _prefill_and_decode(model, pick, input_ids, positions, cache, kv_mask, first
 
     carry = (jnp.int32(0), token, logp, next_pos, kv_mask, done, cache, tokens, logprobs,
              resp_mask, key)
-    carry = jax.lax.while_loop(cond, body, carry)
+    with jax.named_scope(TOKEN_LOOP):  # names the loop in the compiled HLO (amrsd_jax.hlo)
+        carry = jax.lax.while_loop(cond, body, carry)
     tokens, logprobs, resp_mask = carry[7], carry[8], carry[9]
     out = SampleOutput(tokens, resp_mask, logprobs, jnp.sum(resp_mask, axis=-1), carry[0])
     return out, carry[6]
