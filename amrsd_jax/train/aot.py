@@ -153,10 +153,11 @@ def _compile(jitted, args, *, platform: str, lowered=None) -> dict:
     ``memory_analysis()`` and timings."""
     t0 = time.perf_counter()
     lowered = jitted.lower(*args) if lowered is None else lowered
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     options = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
     compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
-    t2 = time.perf_counter()
+    # CPU seconds of this process (all threads): on a shared machine, what the compile cost
+    t2, cpu2 = time.perf_counter(), time.process_time()
     ma = compiled.memory_analysis()
     if ma is None:
         raise RuntimeError(f"the {platform} backend reports no memory analysis for compiled "
@@ -173,7 +174,7 @@ def _compile(jitted, args, *, platform: str, lowered=None) -> dict:
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     text = compiled.as_text()
     loops = hlo.decode_loop_collectives(text)
-    out.update(lower_s=t1 - t0, compile_s=t2 - t1,
+    out.update(lower_s=t1 - t0, compile_s=t2 - t1, compile_cpu_s=cpu2 - cpu1,
                gflops=float(cost.get("flops", float("nan"))) / 1e9,
                collective_mib=hlo.summary(text)["collective_bytes"] / 2**20,
                # per decoded token: read for sampler programs only (the TPU compiler's text
@@ -344,7 +345,7 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
     unit, scale = ("GiB", 1.0) if peak >= 0.5 else ("MiB", 1024.0)  # MiB for tiny models
     out("")
     out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
-        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'GFLOP':>9}{'coll MiB':>10}"
+        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'cpu':>8}{'GFLOP':>9}{'coll MiB':>10}"
         f"{'/token':>9}")
     for name, p in programs.items():
         v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
@@ -352,13 +353,15 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
         per_token = f"{p['loop_collective_mib']:>9.1f}" if name == "sampler" else f"{'-':>9}"
         out(f"  {p['label']:<44.44}{v['argument']:>8.2f}{v['output']:>8.2f}{v['alias']:>8.2f}"
             f"{v['temp']:>8.2f}{v['total']:>9.2f}{v['resident']:>8.2f}{v['peak']:>8.2f}"
-            f"{p['lower_s'] + p['compile_s']:>8.1f}s{p['gflops']:>9.1f}"
+            f"{p['lower_s'] + p['compile_s']:>8.1f}s{p['compile_cpu_s']:>7.1f}s"
+            f"{p['gflops']:>9.1f}"
             f"{p['collective_mib']:>10.1f}{per_token}")
     out("  (program = args + out - alias + temp + code; +state = what stays on the device "
         "outside the program's arguments: Adam moments while sampling/scoring, teacher / "
-        "reference weight copies; GFLOP and collective MiB per device, each collective "
-        "counted once (loops not multiplied); /token = the sampler's collective MiB per decoded "
-        "token)")
+        "reference weight copies; compile = lowering + compiling (wall), cpu = the compiler's "
+        "CPU seconds (all threads: on a shared machine, the number to compare); GFLOP and "
+        "collective MiB per device, each collective counted once (loops not multiplied); "
+        "/token = the sampler's collective MiB per decoded token)")
     out("")
     copies = (f", teacher/reference weight copies {run.copies_gib * scale:.2f} {unit}"
               if run.copies_gib else "")
