@@ -184,7 +184,7 @@ def _add_bench_scale(bsub):
     c.add_argument("--remat-policies", default="none,full,save_dots",
                    help="remat policies of the layout table (comma list)")
     c.add_argument("--skip-layout", action="store_true", help="only the depth sweep")
-    c.add_argument("--tpu", default=None, choices=["v5e", "v6e"],
+    c.add_argument("--tpu", default=None, choices=["v4", "v5e", "v6e"],
                    help="compile for a TPU topology with libtpu instead of fake CPU devices")
     c.add_argument("--out", default="bench_results/scale.json")
     c.set_defaults(func=_lazy("bench.scale"))

@@ -2,7 +2,7 @@
 
 Two measurements, both ahead of time from shapes alone (``nnx.eval_shape``: no weights, no
 step is run), on the ``(data, fsdp, tensor)`` mesh of ``--mesh`` fake CPU devices (or, with
-``--tpu v5e|v6e`` and libtpu installed, a compile-only TPU topology and the TPU compiler):
+``--tpu v4|v5e|v6e`` and libtpu installed, a compile-only TPU topology and the TPU compiler):
 
 1. **depth**: the update step of the ``--model`` preset cut to ``--layers`` layers (2, 8, 32),
    with its layers looped (``scan_layers=False``) and scanned (``scan_layers=True``):
