@@ -151,7 +151,7 @@ def _devices(args, n):
         devices = tpu_topology_devices(args.tpu, n)
         if devices is None:
             raise SystemExit(f"--tpu {args.tpu}: needs libtpu (pip install 'amrsd_jax[tpu-aot]')"
-                             f" and a v5e / v6e slice of {n} chips")
+                             f" and a v4 / v5e / v6e slice of {n} chips")
         return devices
     ensure_fake_devices(n)
     return jax.devices()[:n]
