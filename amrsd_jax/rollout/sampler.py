@@ -373,6 +373,9 @@ def continue_generation(model: Decoder, prior: KVState, rows, suffix_ids, suffix
     ``generate(..., return_state=True)``), so only the suffix is prefilled: a follow-up
     turn costs its own tokens, not the whole conversation again. Equivalent to
     :func:`generate` on ``prompt + response + suffix`` (same tokens under greedy decoding).
+    ``prior`` is read, not donated: the continuation's cache is a gather of the chosen rows
+    with room for the new tokens, a new shape that could not reuse its buffer, and ``prior``
+    may be continued again; drop it after its last continuation to free it.
 
     Args:
       prior: the :class:`KVState` of the earlier generation, ``[B, slots]``.
