@@ -11,9 +11,10 @@ per-device bytes of its arguments, outputs and temporaries; adding what stays re
 device during that phase (optimizer moments, teacher / reference weight copies) gives a
 per-device peak to compare with the HBM budget.
 
-With ``libtpu`` installed (``pip install libtpu``; no TPU needed) and a v4 / v5e / v6e budget, the
-programs are compiled by the TPU compiler itself for a compile-only topology of the slice
-(``jax.experimental.topologies``), so the numbers are the TPU's. Otherwise the mesh is made
+With ``libtpu`` installed (``pip install libtpu``; no TPU needed) and a v4 / v5e / v6e budget,
+the programs are compiled by the TPU compiler itself for a compile-only topology of the slice
+(``jax.experimental.topologies``; v4 in megacore mode, one device per chip as in a real run),
+so the numbers are the TPU's. Otherwise the mesh is made
 of fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which must be
 set before JAX starts): :func:`main_dry_run` re-executes itself in a subprocess with that
 flag when the current process has too few devices, so the check runs on a laptop.
@@ -345,8 +346,8 @@ def _print_table(run: _AbstractRun, programs: dict, budget: float, budget_source
     unit, scale = ("GiB", 1.0) if peak >= 0.5 else ("MiB", 1024.0)  # MiB for tiny models
     out("")
     out(f"  {'per device, ' + unit:<44}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}"
-        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'cpu':>8}{'GFLOP':>9}{'coll MiB':>10}"
-        f"{'/token':>9}")
+        f"{'program':>9}{'+state':>8}{'=peak':>8}{'compile':>9}{'cpu':>8}{'GFLOP':>9}"
+        f"{'coll MiB':>10}{'/token':>9}")
     for name, p in programs.items():
         v = {k: p[k] * scale for k in ("argument", "output", "alias", "temp", "total",
                                        "resident", "peak")}
