@@ -103,19 +103,32 @@ BAD_INPUTS = ["temperature", "top_p", "top_k", "reward", "eval_size", "level", "
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_exits_2_in_one_line_before_loading(case, tmp_path):
-    """`run.py train` on the bundled-model quickstart: exit 2 within seconds (no model load,
-    no compile), one line on stderr naming the key or file, no traceback."""
+def test_bad_input_exits_2_in_one_line_before_loading(case, tmp_path, capsys):
+    """`train` on the bundled-model quickstart (the CLI's own ``main``, in this process):
+    exit 2, one line on stderr naming the key or file, no traceback, and well under a
+    second of CPU (no model load, no compile: those took minutes)."""
     args, named = _bad_inputs(tmp_path)[case]
+    cpu = time.process_time()
+    code = main(["train", *args])
+    cpu = time.process_time() - cpu
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, lines
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert named in lines[0], lines[0]
+    assert cpu < 2, f"{cpu:.1f}s of CPU"
+
+
+def test_run_py_exits_2_in_one_line_within_seconds(tmp_path):
+    """The same through `python run.py` in a fresh process (imports included)."""
     t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "run.py", "train", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "run.py", "train", "rollout.temperature=-1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     elapsed, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert named in lines[0], lines[0]
+    assert "rollout.temperature" in lines[0], lines[0]
     # ~3 s on an idle 2-core machine (Python + jax imports); loading the model and
     # compiling took minutes. The CPU time of the child is the load-independent measure;
     # the wall time only guards against a hang on a machine shared with other jobs.
