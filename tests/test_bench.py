@@ -166,7 +166,7 @@ def test_compare_runs_reports_and_reuses(checkpoint_dir, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     argv = ["bench", "compare", "--config", "", "--variants", "grpo,amr_sd/symmetric",
             "--seeds", "0,1", "--out", str(out), *TINY, f"model.name={checkpoint_dir}",
-            "steps=2", "eval.every=1"]
+            "steps=1", "eval.every=1"]
     assert compare.main(_args(argv)) == 0
     result = json.loads((out / "compare.json").read_text())
     assert set(result["summary"]) == {"grpo", "amr_sd/symmetric"} and not result["missing"]
@@ -175,8 +175,8 @@ def test_compare_runs_reports_and_reuses(checkpoint_dir, tmp_path, monkeypatch):
         assert 0.0 <= row["final_pass@1_mean"] <= 1.0
         for seed in ("0", "1"):
             run = result["runs"][variant][seed]
-            assert [r["step"] for r in run["train"]] == [1, 2]
-            assert [r["step"] for r in run["eval"]] == [0, 1, 2]
+            assert [r["step"] for r in run["train"]] == [1]
+            assert [r["step"] for r in run["eval"]] == [0, 1]
     # step 0 is evaluated once per seed (its first variant) and shared
     cfg = json.loads((out / "runs" / "amr_sd-symmetric-seed0" / "done.json").read_text())
     assert cfg["config"]["eval"]["at_start"] is False
