@@ -353,7 +353,8 @@ class RunCheckpointer:
         """Raise :class:`CheckpointMismatch` when ``step`` saved other parameters than
         ``abstract_params`` describes (read from the step's metadata, before any array)."""
         path = epath.Path(self.directory) / str(step) / _STATE
-        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        with ocp.StandardCheckpointer() as reader:  # closed: it owns a background thread
+            saved = reader.metadata(path).item_metadata
         diff = parameter_mismatch(_leaf_shapes(saved["params"]), _leaf_shapes(abstract_params))
         if diff:
             raise CheckpointMismatch(
