@@ -17,14 +17,27 @@ from amrsd_jax.rewards import (
     safe_reward,
     score_batch,
     verify_gsm8k,
-    verify_math,
-    verify_math500,
-    verify_math_strict,
-    verify_math_verify,
     warm_up,
 )
-from amrsd_jax.rewards import symbolic
+from amrsd_jax.rewards import math_verifier, symbolic
 from amrsd_jax.train.config import RewardConfig, load_train_config
+
+
+def _without_deadline(fn):
+    """``fn`` with ``timeout_s=None`` unless a test passes one: these tests state which
+    answers are accepted, and under a loaded full suite a sympy comparison can outlast the
+    1 s default (CI failed once on ``{2, 1}`` vs ``{1,2}``). The deadline's own tests below
+    pass ``timeout_s``."""
+    def call(response, gold, **kw):
+        kw.setdefault("timeout_s", None)
+        return fn(response, gold, **kw)
+    return call
+
+
+verify_math = _without_deadline(math_verifier.verify_math)
+verify_math500 = _without_deadline(math_verifier.verify_math500)
+verify_math_strict = _without_deadline(math_verifier.verify_math_strict)
+verify_math_verify = _without_deadline(math_verifier.verify_math_verify)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -336,8 +349,9 @@ def test_strict_requires_a_marker(response):
 
 
 def test_dataset_reward_names():
-    for name, fn in [("math_strict", verify_math_strict), ("gsm8k", verify_gsm8k),
-                     ("math500", verify_math500), ("math_verify", verify_math_verify)]:
+    for name, fn in [("math_strict", math_verifier.verify_math_strict),
+                     ("gsm8k", verify_gsm8k), ("math500", math_verifier.verify_math500),
+                     ("math_verify", math_verifier.verify_math_verify)]:
         assert get_reward_fn(name) is fn
     gsm = "Natalia sold 48/2 = 24 clips in May.\n#### 72"
     assert verify_gsm8k("48 + 24 = 72\n#### 72", gsm).correct
