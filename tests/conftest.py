@@ -1,11 +1,36 @@
 """Shared test set-up: 8 fake CPU devices and tiny random models (no downloads)."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# The tests' programs are tiny: compiling them costs far more than running them, so XLA's
+# CPU backend skips LLVM's optimisations (measured: -38% CPU time on the update-step and
+# checkpoint tests). HLO passes, sharding and numerics are unchanged; processes the tests
+# start get the same flags (``XLA_FLAGS`` below, or :data:`FAST_COMPILE_FLAGS`).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a test process with ``devices`` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
+
 
 # must precede the first `import jax` anywhere in the test session
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One persistent XLA compilation cache for the session: this process and every process a
+# test starts (they inherit the environment). Trainers build fresh jitted closures and many
+# tests run the same tiny programs, so each is compiled once. A module that counts
+# compilations turns it off (``no_compilation_cache``).
+XLA_CACHE_DIR = tempfile.mkdtemp(prefix="amrsd-tests-xla-cache-")
+atexit.register(shutil.rmtree, XLA_CACHE_DIR, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -104,18 +129,14 @@ _register_test_rewards()
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA compilation cache for one test module: each Trainer builds fresh
-    jitted closures, and the cache lets later trainers reuse earlier ones' programs
-    (``pytestmark = pytest.mark.usefixtures("compilation_cache")``)."""
+def no_compilation_cache():
+    """The session's persistent compilation cache off for one module: a cache hit is not a
+    compilation, so a module that counts compilations must not see one."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used
     yield
-    for n, v in old.items():
-        jax.config.update(n, v)
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()

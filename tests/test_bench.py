@@ -16,7 +16,6 @@ from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.phases import bucket_rows
 from amrsd_jax.train.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 after the first compiles, for AMR-SD whose reflection sampler and teacher scorer otherwise
 see a new row bucket or prompt width as the reflected rows change.
 
-No persistent compilation cache here: a cache hit is not a compilation, so a shared cache
-would hide the recompiles this test is about."""
+The session's persistent compilation cache is off here: a cache hit is not a compilation,
+so a shared cache would hide the recompiles this test is about."""
 
 import pytest
 
@@ -12,6 +12,8 @@ from conftest import write_tiny_checkpoint  # also registers reward test_even_le
 from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.metrics import read_metrics
 from amrsd_jax.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 
 @pytest.fixture(scope="module")

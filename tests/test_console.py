@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST_COMPILE_FLAGS
+
 from amrsd_jax.config import BUNDLED_CONFIGS, find_config
 from amrsd_jax.train.config import load_train_config
 
@@ -27,7 +29,8 @@ def _console_script() -> str:
 
 
 def _run(args, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # one CPU device, as a user's shell has (the tests' own XLA_FLAGS fake 8)
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_tiny_checkpoint
+from conftest import write_tiny_checkpoint, xla_flags
 
 from amrsd_jax.rewards import VerifierResult, register_reward
 from amrsd_jax.rollout import records as rollouts
@@ -184,7 +184,7 @@ _SCRIPT = textwrap.dedent("""
 def _launch(tmp_path, args):
     script = tmp_path / "train_script.py"
     script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     empty = tmp_path / "defaults.yaml"  # TrainConfig defaults, like the in-process runs
     empty.write_text("{}\n")

@@ -16,7 +16,6 @@ from amrsd_jax.methods.base import TeacherInputs
 from amrsd_jax.train.config import load_train_config
 from amrsd_jax.train.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 PACKAGE = Path(__file__).resolve().parent.parent / "amrsd_jax"
 # the places that must work for any method without knowing which

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_checkpoint
+from conftest import write_tiny_checkpoint, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def _launch(processes: int, jobs: list[list[str]], tmp: Path) -> None:
     port, procs = _free_port(), []
     for pid in range(processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+                   XLA_FLAGS=xla_flags(8 // processes))
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                        JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid))

@@ -18,7 +18,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-from conftest import write_tiny_checkpoint  # noqa: E402
+from conftest import FAST_COMPILE_FLAGS, write_tiny_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -108,7 +108,7 @@ def test_all_notebooks_are_tested_and_saved_without_outputs():
 def test_quickstart(tiny_model_dir, compile_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     nb = run_notebook("01_quickstart.ipynb", monkeypatch, common_env(
-        tiny_model_dir, compile_cache, XLA_FLAGS=None, NB_STEPS="2", NB_PROMPTS="2",
+        tiny_model_dir, compile_cache, XLA_FLAGS=FAST_COMPILE_FLAGS, NB_STEPS="2", NB_PROMPTS="2",
         NB_GROUP="2", NB_MAX_NEW_TOKENS="6", NB_OUTPUT_DIR=str(out)), cwd=tmp_path)
     assert images(nb) >= 1
     assert "amrsd_jax from" in text(nb)  # the install cell found the installed package
@@ -122,7 +122,7 @@ def test_quickstart(tiny_model_dir, compile_cache, tmp_path, monkeypatch):
 
 def test_cig_anatomy(tiny_model_dir, compile_cache, tmp_path, monkeypatch):
     nb = run_notebook("02_cig_anatomy.ipynb", monkeypatch, common_env(
-        tiny_model_dir, compile_cache, XLA_FLAGS=None, NB_PROMPTS="2", NB_GROUP="2",
+        tiny_model_dir, compile_cache, XLA_FLAGS=FAST_COMPILE_FLAGS, NB_PROMPTS="2", NB_GROUP="2",
         NB_MAX_NEW_TOKENS="6", NB_REFLECTION_TOKENS="6", NB_MAX_STEPS="1",
         NB_OUTPUT_DIR=str(tmp_path)), cwd=tmp_path)
     assert images(nb) >= 2  # the token heatmaps and the gate plot
@@ -132,7 +132,7 @@ def test_cig_anatomy(tiny_model_dir, compile_cache, tmp_path, monkeypatch):
 
 def test_tpu_pod(tiny_model_dir, compile_cache, tmp_path, monkeypatch):
     nb = run_notebook("03_tpu_pod.ipynb", monkeypatch, common_env(
-        tiny_model_dir, compile_cache, XLA_FLAGS=None, NB_FAKE_DEVICES="8",
+        tiny_model_dir, compile_cache, XLA_FLAGS=FAST_COMPILE_FLAGS, NB_FAKE_DEVICES="8",
         NB_DRY_RUN_OVERRIDES="rollout.prompts_per_step=8 micro_batches=2 "
                              "rollout.max_new_tokens=16 data.max_prompt_tokens=16 "
                              "reflection.max_tokens=8 reflection.max_prompt_tokens=32 "

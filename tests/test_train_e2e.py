@@ -16,7 +16,6 @@ from amrsd_jax.train.trainer import Trainer
 
 
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

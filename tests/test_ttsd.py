@@ -20,7 +20,6 @@ OK = VerifierResult(1.0, True, "5", None, "correct")
 
 
 # every TTSD object (and the CLI runs) builds fresh jitted closures of the same programs
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
