@@ -1,9 +1,9 @@
 """A pod without a pod: real multi-process JAX jobs (2 processes x 4 CPU devices, joined
 through ``jax.distributed``) run ``run.py train`` and must log what one process with 8
 devices logs over the same ``data=2 x fsdp=4`` mesh, for every method family that takes a
-different path through the loop (GRPO; AMR-SD with its reflection pass forced on; RLSD's
-and SDPO's teacher contexts), resume a stopped run as if it never stopped, and evaluate
-to the same pass@1.
+different path through the loop (GRPO; AMR-SD with its reflection pass forced on; SDPO's
+teacher context and EMA teacher weights), resume a stopped run as if it never stopped, and
+evaluate to the same pass@1.
 
 Each launch runs all its jobs in one interpreter per process (start-up and the
 persistent compilation cache are shared), so the whole module takes a few minutes.
@@ -47,13 +47,17 @@ CHILD = textwrap.dedent("""
 COMMON = ["steps=2", "rollout.prompts_per_step=4", "rollout.group_size=4",
           "rollout.max_new_tokens=6", "reflection.max_tokens=6", "data.train_size=16",
           "data.eval_size=8", "eval.at_start=false", "eval.num_samples=2",
-          "checkpoint.every=1", "reward.name=test_even_length",
+          "reward.name=test_even_length",
           "optimizer.learning_rate=1e-2", "progress=false", "tensorboard=false",
           "mesh.data=2", "mesh.fsdp=4"]
-# evaluation is compared on the GRPO run only (the same code for every method)
-METHODS = {"grpo": ["eval.at_end=true"], "amr_sd": ["reflection.skip_uninformative=false",
-                                                    "eval.at_end=false"],
-           "rlsd": ["eval.at_end=false"], "sdpo": ["eval.at_end=false"]}
+# Evaluation and checkpoints (multi-process saves and the resume) are checked on the GRPO
+# run only: the same code for every method. RLSD's path (a teacher context scored by the
+# teacher scorer, teacher weights in the state) is the union of AMR-SD's and SDPO's.
+NO_EVAL_OR_CHECKPOINTS = ["eval.at_end=false", "checkpoint.every=0",
+                          "checkpoint.save_at_end=false"]
+METHODS = {"grpo": ["eval.at_end=true", "checkpoint.every=1"],
+           "amr_sd": ["reflection.skip_uninformative=false", *NO_EVAL_OR_CHECKPOINTS],
+           "sdpo": NO_EVAL_OR_CHECKPOINTS}
 COMPARED = ("loss", "reward_mean", "grad_norm")
 
 

@@ -157,13 +157,19 @@ def test_amr_sd_is_grpo_bit_for_bit_once_step_reaches_decay():
     _, m_a, _ = run_steps(amr, steps=1)
     _, m_g, _ = run_steps(grpo, steps=1)
     assert float(m_a[0]["amr_sd/gated_frac"]) > 0 and m_a[0]["loss"] != m_g[0]["loss"]
-    # from step >= T_decay on, the loss and the new parameters are identical bit for bit
+    # from step >= T_decay on, the loss is identical bit for bit
     s_a, m_a, _ = run_steps(amr, steps=2, start_step=3)
     s_g, m_g, _ = run_steps(grpo, steps=2, start_step=3)
     assert float(m_a[0]["amr_sd/lam_eff"]) == 0.0 and float(m_a[0]["amr_sd/gated_frac"]) == 0.0
     assert [m["loss"] for m in m_a] == [m["loss"] for m in m_g]
-    for a, b in zip(flat_params(s_a), flat_params(s_g)):
-        np.testing.assert_array_equal(a, b)
+    # ... and the parameters to float32 rounding: the two steps are different XLA programs,
+    # and XLA:CPU may fuse (so order) the backward pass's reductions differently in each.
+    # Under the tests' fast-compile flags it does: gradients ~1e-7 apart, which Adam turns
+    # into up to 6e-6 where a gradient is near 0 (0.03% of the two steps' largest change).
+    # With the gate on (decay_steps=30, checked by hand) they are 0.033 apart.
+    before = flat_params(init_train_state(tiny_model(), make_optimizer(OptimizerConfig())))
+    for a, g, b in zip(flat_params(s_a), flat_params(s_g), before):
+        np.testing.assert_allclose(a, g, rtol=0, atol=1e-2 * np.abs(g - b).max())
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
