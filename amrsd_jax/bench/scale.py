@@ -30,7 +30,6 @@ import time
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from .. import update
