@@ -194,10 +194,20 @@ def _launch(tmp_path, args):
                             text=True)
 
 
+def _logged_steps(path: Path) -> list[int]:
+    """Steps in the run's metrics file; [] while there is none. A resumed run that finds
+    no finished checkpoint (killed before its first save completed) starts over and moves
+    the old file aside, so the file can vanish between two looks."""
+    try:
+        return [r["step"] for r in read_metrics(path)]
+    except FileNotFoundError:
+        return []
+
+
 def _wait_for_step(path: Path, step: int, proc, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and any(r["step"] >= step for r in read_metrics(path)):
+        if any(s >= step for s in _logged_steps(path)):
             return
         if proc.poll() is not None:
             raise AssertionError(f"run exited early:\n{proc.stdout.read()}")
@@ -332,8 +342,8 @@ def test_sigkill_at_random_points_resumes_identically(ckpt, tmp_path):
     kills = 0
     while True:
         proc = _launch(tmp_path, _overrides(ckpt, out, steps) + ["--resume"])
-        done = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-        target = (done[-1]["step"] if done else 0) + 1
+        done = _logged_steps(out / "metrics.jsonl")
+        target = (done[-1] if done else 0) + 1
         if kills < 2 and target < steps:
             _wait_for_step(out / "metrics.jsonl", target, proc)
             time.sleep(rng.uniform(0.0, 1.5))  # somewhere in the next step or its save
