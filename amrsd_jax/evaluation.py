@@ -227,9 +227,10 @@ def evaluate(model, tokenizer, examples: Sequence[dict], key: jax.Array,
     if k:
         runs.append(("sampled", k, settings.sampling_config(greedy=False), key))
     decoded: dict[str, _Decoded] = {}
-    # one pass over the questions per decoding mode (greedy, then sampled)
+    # one pass over the questions per decoding mode (greedy, then sampled); leave=None: the
+    # bar stays unless it sits below another one (the training run's)
     with tqdm(total=num_q * len(runs), desc=f"eval {runs[0][0]}", unit="question",
-              disable=not progress, dynamic_ncols=True) as bar:
+              disable=not progress, dynamic_ncols=True, leave=None) as bar:
         for name, per_q, config, run_key in runs:
             bar.set_description(f"eval {name}")
             if num_q:

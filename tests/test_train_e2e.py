@@ -113,19 +113,23 @@ def test_resume_drops_log_lines_after_the_checkpoint(checkpoint_dir, tmp_path):
         assert r["reward"] == float(r["correct"]) == float(len(r["completion"]) % 2 == 0)
 
 
-def test_eval_and_summary(checkpoint_dir, tmp_path, monkeypatch):
-    """Evaluations with per-question outcomes; the profiler window and the compilation
-    cache directory of the config reach JAX."""
+def test_eval_and_summary(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    """Evaluations with per-question outcomes and a progress bar of their own; the profiler
+    window and the compilation cache directory of the config reach JAX."""
     import amrsd_jax.train.trainer as trainer_module
 
     cache_dirs = []
     monkeypatch.setattr(trainer_module, "use_compilation_cache", cache_dirs.append)
     cfg = _config(checkpoint_dir, tmp_path, "grpo", 2, **{
         "eval.at_start": "true", "eval.at_end": "true", "logging.profile_steps": "[2,2]",
-        "compile_cache_dir": str(tmp_path / "xla")})
+        "compile_cache_dir": str(tmp_path / "xla"), "progress": "true"})
     trainer = Trainer(cfg)
     summary = trainer.run()
     trainer.close()
+    bars = capsys.readouterr().err
+    assert "train grpo" in bars
+    # each evaluation (at the start and at the end) shows its own bar over the questions
+    assert bars.count("eval greedy") >= 2 and bars.count("eval sampled") >= 2, bars
     assert cache_dirs == [str(tmp_path / "xla")]
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000  # one window, one trace

@@ -65,7 +65,9 @@ class StepLoop:
     eval_step: int | None = None
 
     def evaluate(self, step: int) -> None:
-        self.last_eval, self.eval_step = self.trainer.evaluate(step), step
+        # a bar over the held-out questions whenever the run shows one over its steps
+        self.last_eval = self.trainer.evaluate(step, progress=self.bar is not None)
+        self.eval_step = step
 
     def run(self) -> None:
         """The final eval comes before the final checkpoint, so a run whose checkpoint is at
