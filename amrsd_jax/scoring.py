@@ -46,9 +46,14 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
     scale_t = temperature if temperature > 0 and temperature != 1.0 else None
     h = hidden.astype(compute_dtype)
     w = unembedding.astype(compute_dtype)
-    # target logit from the gathered columns: [batch, time, hidden] . [batch, time, hidden]
-    target_logit = jnp.sum(h.astype(jnp.float32) * jnp.take(w, targets, axis=1)
-                           .transpose(1, 2, 0).astype(jnp.float32), axis=-1)
+    # target logit from the gathered columns: [batch, time, hidden] . [batch, time, hidden];
+    # looked up in the lookup_batch layout like the input embeddings (Decoder.embed)
+    rows = ("lookup_batch",) + ("sequence",) * (targets.ndim - 1)
+    columns = constrain(jnp.take(w, constrain(targets, rows), axis=1), ("embed",) + rows)
+    # ... then moved to the batch layout of h, not h to theirs
+    columns = constrain(jnp.moveaxis(columns, 0, -1),
+                        ("batch",) + ("sequence",) * (targets.ndim - 1) + ("activation_embed",))
+    target_logit = jnp.sum(h.astype(jnp.float32) * columns.astype(jnp.float32), axis=-1)
     if scale_t is not None:
         target_logit = target_logit / scale_t
     vocab = w.shape[1]

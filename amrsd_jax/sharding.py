@@ -41,6 +41,14 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("layers", None),  # the stacked-layer axis: every device runs every layer
     # activation-only axes
+    # rows of a token-id lookup into a table whose hidden axis is split over fsdp (the
+    # embedding, the unembedding's target columns): split over data only, so every fsdp
+    # device looks up its hidden slice of the same rows and one all-to-all over fsdp moves
+    # the result (and, transposed, its gradient) to the batch layout. With the ids split over
+    # data x fsdp, XLA's partitioner instead replicates the whole [batch, time, hidden]
+    # gradient on every device when data and fsdp are both > 1 (its "involuntary full
+    # rematerialization").
+    ("lookup_batch", "data"),
     ("sequence", None),
     ("activation_embed", None),
     ("head_dim", None),
@@ -50,8 +58,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 # The sampler's weight layout: weights whole on every device of a data x fsdp group (split
 # over tensor only), so decoding a token needs no weight collective; the rows stay split
 # over data x fsdp. One all-gather per sampling call replaces one per weight per token.
-ROLLOUT_RULES = tuple((name, None) if name == "embed" else (name, axes)
-                      for name, axes in DEFAULT_RULES)
+# (A lookup into a whole table needs no fsdp split of its own: its rows stay in the batch
+# layout, so decoding adds no collective of token ids per token.)
+ROLLOUT_RULES = tuple((name, None) if name == "embed"
+                      else (name, dict(DEFAULT_RULES)["batch"]) if name == "lookup_batch"
+                      else (name, axes) for name, axes in DEFAULT_RULES)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,

@@ -266,8 +266,10 @@ class Decoder(nnx.Module):
 
     # -- pieces, exposed for scoring (vocab-chunked heads) and OAR (gradients w.r.t. embeddings)
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Input embeddings ``[batch, time, hidden]`` in the compute dtype."""
-        return self.embed_tokens(input_ids)
+        """Input embeddings ``[batch, time, hidden]`` in the compute dtype (looked up in the
+        ``lookup_batch`` layout, see :data:`amrsd_jax.sharding.DEFAULT_RULES`)."""
+        rows = ("lookup_batch",) + ("sequence",) * (input_ids.ndim - 1)
+        return constrain(self.embed_tokens(constrain(input_ids, rows)), rows + ("embed",))
 
     def output_embedding(self) -> jax.Array:
         """The unembedding matrix ``[hidden, vocab]`` (tied or ``lm_head``)."""

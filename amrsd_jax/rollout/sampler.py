@@ -28,8 +28,8 @@ from flax import nnx
 
 from ..hlo import TOKEN_LOOP
 from ..models.decoder import Decoder, init_cache, positions_from_mask
-from ..sharding import (activation_layout, batch_sharding, replicated, rollout_weights,
-                        shard_batch)
+from ..sharding import (DEFAULT_RULES, ROLLOUT_RULES, activation_layout, batch_sharding,
+                        replicated, rollout_weights, shard_batch)
 
 # ~1.5x apart: padding wastes at most a third of the compute, and a run still compiles only
 # a handful of programs
@@ -236,6 +236,13 @@ def _sampling_model(graphdef, state, mesh, reshard_weights: bool) -> Decoder:
     return nnx.merge(graphdef, rollout_weights(state, mesh, model.config.dtype))
 
 
+def _sampling_layout(mesh, reshard_weights: bool):
+    """Activations pinned to ``mesh`` under the rules of the weights they meet: the rollout
+    layout's when the weights are resharded (a token lookup then stays in the batch layout
+    instead of pulling the whole table back to the training split every token)."""
+    return activation_layout(mesh, ROLLOUT_RULES if reshard_weights else DEFAULT_RULES)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
                                              "use_top_p", "return_state", "mesh",
                                              "reshard_weights"))
@@ -243,7 +250,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
               new_token_limit, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
               return_state=False, mesh=None, reshard_weights=True):
     # activations (the stacked KV cache, q/k/v, logits) are pinned to `mesh` while tracing
-    with activation_layout(mesh):
+    with _sampling_layout(mesh, reshard_weights):
         model = _sampling_model(graphdef, state, mesh, reshard_weights)
         batch, prompt_len = prompt_ids.shape
         slots = prompt_len + max_new_tokens
@@ -266,7 +273,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, stop_ids, key, temperatu
 def _continue(graphdef, state, prior: KVState, rows, suffix_ids, suffix_mask, stop_ids, key,
               temperature, top_p, new_token_limit, pad_id, *, max_new_tokens, greedy, top_k,
               use_top_p, mesh=None, reshard_weights=True):
-    with activation_layout(mesh):
+    with _sampling_layout(mesh, reshard_weights):
         model = _sampling_model(graphdef, state, mesh, reshard_weights)
         batch, suffix_len = suffix_ids.shape
         pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
