@@ -18,6 +18,7 @@ from amrsd_jax.credit import (
     asymmetric_gate,
     causal_information_gain,
     grpo_token_advantages,
+    ihat_quantiles,
 )
 
 B, T = 4, 6
@@ -90,10 +91,15 @@ def test_amr_sd_hand_computed_step0():
     np.testing.assert_allclose(float(diag["gate_mean"]), (0.2 + 0.9 + 0.1 + 0.45) / 10, rtol=1e-6)
     masked_ihat = [1.5, -1.5, 0.4, 5.0, 1.5, -1.5, -0.5, -5.0, 0.2, 3.0]
     np.testing.assert_allclose(float(diag["ihat_mean"]), 3.1 / 10, rtol=1e-5)
+    # the quantiles are a host diagnostic (no sort in the compiled step)
+    assert not any(k.startswith("ihat_q") for k in diag)
+    quantiles = ihat_quantiles(lp_teacher, lp_old, mask, CFG.kappa)
     for q in IHAT_QUANTILES:
         np.testing.assert_allclose(
-            float(diag[f"ihat_q{round(q * 100):02d}"]), np.quantile(masked_ihat, q), rtol=1e-5, atol=1e-6
+            quantiles[f"ihat_q{round(q * 100):02d}"], np.quantile(masked_ihat, q), rtol=1e-5, atol=1e-6
         )
+    assert ihat_quantiles(lp_teacher, lp_old, np.zeros_like(mask), CFG.kappa) == {
+        f"ihat_q{round(q * 100):02d}": 0.0 for q in IHAT_QUANTILES}
     np.testing.assert_allclose([float(diag["lam_eff"]), float(diag["gam_eff"])], [0.2, 0.1])
 
 

@@ -60,6 +60,10 @@ def test_train_checkpoint_resume_identical(method, checkpoint_dir, tmp_path):
     if method == "amr_sd":
         assert "time/reflect" in history[0] and "reflection_length_mean" in history[0]
         assert "amr_sd/gated_frac" in history[0]
+        # the host's quantiles of Ihat: -kappa <= q05 <= ... <= q95 <= kappa on every step
+        for r in history:
+            q = [r[f"amr_sd/ihat_q{p:02d}"] for p in (5, 25, 50, 75, 95)]
+            assert -5.0 <= q[0] and q == sorted(q) and q[-1] <= 5.0, q
     assert (tmp_path / "full" / "tensorboard").is_dir()
     assert json.loads((tmp_path / "full" / "config.json").read_text())["method"] == method
 

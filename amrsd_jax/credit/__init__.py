@@ -12,6 +12,7 @@ from amrsd_jax.credit.amr_sd import (
     annealed_coefficients,
     annealing_factor,
     asymmetric_gate,
+    ihat_quantiles,
 )
 from amrsd_jax.credit.cig import causal_information_gain
 from amrsd_jax.credit.grpo import (
@@ -47,6 +48,7 @@ __all__ = [
     "grpo_advantages_from_group_ids",
     "grpo_token_advantages",
     "hapo_token_advantages",
+    "ihat_quantiles",
     "oar_gradient_importance",
     "oar_perturbation_importance",
     "oar_reshape_weights",

@@ -20,13 +20,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from amrsd_jax.arrays import as_bool_mask, as_float, masked_mean, safe_divide
 from amrsd_jax.credit.cig import causal_information_gain
 
 Array = jax.Array
 
-#: Quantiles of ``Ihat`` over masked tokens reported by :func:`amr_sd_token_advantages`
+#: Quantiles of ``Ihat`` over masked tokens reported by :func:`ihat_quantiles`
 #: (diagnostic keys ``ihat_q05`` ... ``ihat_q95``).
 IHAT_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -159,9 +160,9 @@ def amr_sd_token_advantages(
       - ``gated_frac_correct`` / ``gated_frac_incorrect``: the same fraction among
         masked tokens of rollouts with ``A > 0`` / ``A < 0`` (0 if there are none);
       - ``gate_mean``: mean of ``D`` over masked tokens;
-      - ``ihat_mean``: mean of ``Ihat`` over masked tokens;
-      - ``ihat_qXX`` for each of :data:`IHAT_QUANTILES`: quantiles (linear
-        interpolation) of ``Ihat`` over masked tokens, 0 if the mask is empty.
+      - ``ihat_mean``: mean of ``Ihat`` over masked tokens.
+
+      The quantiles of ``Ihat`` are :func:`ihat_quantiles`, computed on the host.
     """
     advantages = jax.lax.stop_gradient(as_float(advantages))
     mask = as_bool_mask(mask)
@@ -182,9 +183,6 @@ def amr_sd_token_advantages(
     correct = mask & (advantages[:, None] > 0)
     incorrect = mask & (advantages[:, None] < 0)
     num_masked = jnp.sum(mask)
-    cig_or_nan = jnp.where(mask, cig, jnp.nan)
-    quantiles = jnp.nanquantile(cig_or_nan.reshape(-1), jnp.asarray(IHAT_QUANTILES, jnp.float32))
-    quantiles = jnp.where(num_masked > 0, quantiles, 0.0)
     diagnostics = {
         "lam_eff": lam_eff,
         "gam_eff": gam_eff,
@@ -196,6 +194,20 @@ def amr_sd_token_advantages(
         "gate_mean": masked_mean(gate, mask),
         "ihat_mean": masked_mean(cig, mask),
     }
-    for q, value in zip(IHAT_QUANTILES, quantiles):
-        diagnostics[f"ihat_q{round(q * 100):02d}"] = value
     return jax.lax.stop_gradient(token_advantages), diagnostics
+
+
+def ihat_quantiles(lp_teacher, lp_old, mask, kappa: float) -> dict[str, float]:
+    """``ihat_qXX``: quantiles (linear interpolation) of ``Ihat`` over the masked tokens of
+    ``[B, T]`` host arrays, for each of :data:`IHAT_QUANTILES`; 0 when the mask is empty.
+
+    A diagnostic computed on the host, beside the teacher scores: inside the compiled update
+    step a quantile is a sort of every token of the batch, gathered onto every device (on the
+    TPU compiler it added ~20% to the 1.5B update step's compile time).
+    """
+    mask = np.asarray(mask).astype(bool)
+    # causal_information_gain on the masked tokens, in NumPy (no device program to compile)
+    masked = np.clip(np.asarray(lp_teacher, np.float32)[mask] - np.asarray(lp_old, np.float32)[mask],
+                     -kappa, kappa)
+    values = np.quantile(masked, IHAT_QUANTILES) if masked.size else np.zeros(len(IHAT_QUANTILES))
+    return {f"ihat_q{round(q * 100):02d}": float(v) for q, v in zip(IHAT_QUANTILES, values)}

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..credit.amr_sd import AMRSDConfig, amr_sd_token_advantages, annealing_factor
+from ..credit.amr_sd import AMRSDConfig, amr_sd_token_advantages, annealing_factor, ihat_quantiles
 from ..distributed import to_host
 from ..reflection.contexts import amr_sd_teacher_prompt, raw_peer_teacher_prompt
 from ..reflection.leak_guard import redact_answer
@@ -199,6 +199,9 @@ class AMRSD(Method):
             lp_teacher[teacher.rows] = to_host(scored)[:len(teacher.rows)]
             metrics = reflection_gain(lp_teacher, lp_old, rollouts.response_mask,
                                       rollouts.verified.correct, teacher.rows)
+        quantiles = ihat_quantiles(lp_teacher, lp_old, to_host(batch.response_mask),
+                                   self.config.kappa)
+        metrics.update({f"{self.name}/{k}": v for k, v in quantiles.items()})
         return batch.replace(teacher_logprobs=lp_teacher), metrics
 
     def token_advantages(self, advantages, batch, mask, step):
