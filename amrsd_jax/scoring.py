@@ -20,7 +20,7 @@ from flax import nnx
 
 from .arrays import token_entropy
 from .models.decoder import Decoder
-from .sharding import DEFAULT_RULES, activation_layout, batch_sharding, constrain
+from .sharding import DEFAULT_RULES, activation_layout, batch_sharding, constrain, token_names
 
 
 def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
@@ -48,11 +48,11 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
     w = unembedding.astype(compute_dtype)
     # target logit from the gathered columns: [batch, time, hidden] . [batch, time, hidden];
     # looked up in the lookup_batch layout like the input embeddings (Decoder.embed)
-    rows = ("lookup_batch",) + ("sequence",) * (targets.ndim - 1)
+    rows = token_names(targets.ndim, "lookup_batch")
     columns = constrain(jnp.take(w, constrain(targets, rows), axis=1), ("embed",) + rows)
     # ... then moved to the batch layout of h, not h to theirs
     columns = constrain(jnp.moveaxis(columns, 0, -1),
-                        ("batch",) + ("sequence",) * (targets.ndim - 1) + ("activation_embed",))
+                        token_names(targets.ndim + 1, "batch", "activation_embed"))
     target_logit = jnp.sum(h.astype(jnp.float32) * columns.astype(jnp.float32), axis=-1)
     if scale_t is not None:
         target_logit = target_logit / scale_t
@@ -77,7 +77,7 @@ def token_logprobs_from_hidden(hidden: jax.Array, unembedding: jax.Array, target
         w_c, valid_c = xs
         logits = jnp.dot(h, w_c, preferred_element_type=jnp.float32)
         # a vocabulary chunk is split over `tensor` like the whole vocabulary
-        logits = constrain(logits, ("batch",) + ("sequence",) * (logits.ndim - 2) + ("vocab",))
+        logits = constrain(logits, token_names(logits.ndim, "batch", "vocab"))
         if scale_t is not None:
             logits = logits / scale_t
         logits = jnp.where(valid_c, logits, neg)

@@ -185,6 +185,12 @@ def activation_layout(mesh: Mesh | None, rules=DEFAULT_RULES):
         _ACTIVATION_LAYOUT.reset(token)
 
 
+def token_names(ndim: int, rows: str = "batch", *last: str) -> tuple[str, ...]:
+    """Logical names of a ``[rows, time..., *last]`` array of ``ndim`` dimensions, e.g.
+    ``token_names(3, "batch", "vocab") == ("batch", "sequence", "vocab")``."""
+    return (rows,) + ("sequence",) * (ndim - 1 - len(last)) + last
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``x`` with a sharding constraint from its logical axis ``names`` (one per dimension)
     under the active :func:`activation_layout`; unchanged outside one."""

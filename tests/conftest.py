@@ -55,6 +55,18 @@ def tiny_config(model_type="llama", **overrides):
     return DecoderConfig(**base)
 
 
+def abstract_train_state(model, optimizer, state_shardings):
+    """The update step's train state of ``model`` as shapes carrying ``state_shardings``
+    (for ``lower().compile()`` without allocating anything)."""
+    import jax
+
+    from amrsd_jax.update import init_train_state
+
+    state = jax.eval_shape(lambda: init_train_state(model, optimizer))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                        state_shardings)
+
+
 def tiny_model(model_type="llama", seed=0, **overrides):
     from flax import nnx
 

@@ -18,9 +18,8 @@ from amrsd_jax import scoring, sharding
 from amrsd_jax.batch import make_batch
 from amrsd_jax.models import decoder
 from amrsd_jax.sharding import make_mesh
-from amrsd_jax.update import (OptimizerConfig, StepConfig, init_train_state, make_optimizer,
-                              make_update_step)
-from conftest import tiny_model
+from amrsd_jax.update import OptimizerConfig, StepConfig, make_optimizer, make_update_step
+from conftest import abstract_train_state, tiny_model
 
 INVOLUNTARY = "Involuntary full rematerialization"
 
@@ -50,8 +49,7 @@ def _compile_update_step(shape) -> None:
     step, state_sh = make_update_step(model, optimizer, StepConfig(group_size=4,
                                                                    micro_batches=2),
                                       mesh, batch)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(lambda: init_train_state(model, optimizer)), state_sh)
+    state = abstract_train_state(model, optimizer, state_sh)
     step.jitted.lower(state, batch, None, step.other).compile()
 
 

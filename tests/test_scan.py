@@ -32,7 +32,7 @@ from amrsd_jax.train.aot import tpu_topology_devices
 from amrsd_jax.update import (OptimizerConfig, StepConfig, init_train_state, make_optimizer,
                               make_update_step, place_state, split_micro_batches)
 
-from conftest import tiny_model
+from conftest import abstract_train_state, tiny_model
 
 EIGHT = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 # one preset per architecture family (the two Qwen2.5-Math presets share one)
@@ -128,7 +128,7 @@ def _update_hlo(num_layers, scan_layers, rows=8):
     batch = _batch(rows)
     step, state_sh = make_update_step(model, optimizer, StepConfig(group_size=4), _mesh(1),
                                       batch)
-    state = _abstract_state(model, optimizer, state_sh)
+    state = abstract_train_state(model, optimizer, state_sh)
     return step.jitted.lower(state, batch, None, step.other).as_text(dialect="hlo")
 
 
@@ -159,12 +159,6 @@ def _batch(rows, p=6, n=5, seed=0):
                       response_ids=rng.integers(4, 96, (rows, n)).astype(np.int32),
                       response_mask=response_mask, rewards=rewards, sampler_logprobs=old,
                       old_logprobs=old)
-
-
-def _abstract_state(model, optimizer, state_sh):
-    state = jax.eval_shape(lambda: init_train_state(model, optimizer))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                        state_sh)
 
 
 def contiguous_micro_batches(x, k):
@@ -232,7 +226,7 @@ def _compiled_update_hlo(monkeypatch, split):
     step, state_sh = make_update_step(model, optimizer, StepConfig(group_size=4,
                                                                    micro_batches=2),
                                       _mesh(8), batch)
-    state = _abstract_state(model, optimizer, state_sh)
+    state = abstract_train_state(model, optimizer, state_sh)
     return step.jitted.lower(state, batch, None, step.other).compile().as_text()
 
 
@@ -263,7 +257,7 @@ def _update_gflops(shape, micro_batches=2) -> float:
     step, state_sh = make_update_step(
         model, optimizer, StepConfig(group_size=4, micro_batches=micro_batches),
         _mesh(int(np.prod(shape)), shape), batch)
-    state = _abstract_state(model, optimizer, state_sh)
+    state = abstract_train_state(model, optimizer, state_sh)
     cost = step.jitted.lower(state, batch, None, step.other).compile().cost_analysis()
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / 1e9
 
@@ -313,7 +307,7 @@ def test_tpu_compiler_compiles_the_scanned_update_step():
     batch = _batch(32)
     step, state_sh = make_update_step(model, optimizer, StepConfig(group_size=4,
                                                                    micro_batches=2), mesh, batch)
-    state = _abstract_state(model, optimizer, state_sh)
+    state = abstract_train_state(model, optimizer, state_sh)
     compiled = step.jitted.lower(state, batch, None, step.other).compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     assert "while" in compiled.as_text()  # the layer scan survives as a loop

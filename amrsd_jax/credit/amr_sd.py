@@ -207,7 +207,7 @@ def ihat_quantiles(lp_teacher, lp_old, mask, kappa: float) -> dict[str, float]:
     """
     mask = np.asarray(mask).astype(bool)
     # causal_information_gain on the masked tokens, in NumPy (no device program to compile)
-    masked = np.clip(np.asarray(lp_teacher, np.float32)[mask] - np.asarray(lp_old, np.float32)[mask],
-                     -kappa, kappa)
+    gain = np.asarray(lp_teacher, np.float32)[mask] - np.asarray(lp_old, np.float32)[mask]
+    masked = np.clip(gain, -kappa, kappa)
     values = np.quantile(masked, IHAT_QUANTILES) if masked.size else np.zeros(len(IHAT_QUANTILES))
     return {f"ihat_q{round(q * 100):02d}": float(v) for q, v in zip(IHAT_QUANTILES, values)}

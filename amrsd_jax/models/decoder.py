@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..sharding import constrain
+from ..sharding import constrain, token_names
 from .config import REMAT_POLICIES, DecoderConfig, rope_inverse_frequencies
 
 # logical axes of the activations
@@ -268,8 +268,8 @@ class Decoder(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Input embeddings ``[batch, time, hidden]`` in the compute dtype (looked up in the
         ``lookup_batch`` layout, see :data:`amrsd_jax.sharding.DEFAULT_RULES`)."""
-        rows = ("lookup_batch",) + ("sequence",) * (input_ids.ndim - 1)
-        return constrain(self.embed_tokens(constrain(input_ids, rows)), rows + ("embed",))
+        ids = constrain(input_ids, token_names(input_ids.ndim, "lookup_batch"))
+        return constrain(self.embed_tokens(ids), token_names(ids.ndim + 1, "lookup_batch", "embed"))
 
     def output_embedding(self) -> jax.Array:
         """The unembedding matrix ``[hidden, vocab]`` (tied or ``lm_head``)."""
@@ -283,7 +283,7 @@ class Decoder(nnx.Module):
         logits = jnp.dot(hidden.astype(self.config.dtype), w, preferred_element_type=jnp.float32)
         if logits.ndim < 2:
             return logits
-        return constrain(logits, ("batch",) + ("sequence",) * (logits.ndim - 2) + ("vocab",))
+        return constrain(logits, token_names(logits.ndim, "batch", "vocab"))
 
     def hidden_states(self, embeddings, kv_mask, *, positions=None, cache=None, cache_index=0):
         """Final normed hidden states ``[batch, time, hidden]`` and the updated cache.
